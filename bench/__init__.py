@@ -1,0 +1,1 @@
+"""Benchmarks, sweeps and reports for the flows of :mod:`snf_core`."""
