@@ -1,0 +1,20 @@
+"""Self-normalizing flows and the exact-gradient layers they are compared with."""
+
+from snf_core.activations import SmoothLeakyReLU
+from snf_core.conv import ExactConv2d, SelfNormalizingConv2d
+from snf_core.flow import Flow, StandardNormal
+from snf_core.linear import ExactLinear, SelfNormalizingLinear
+from snf_core.preprocess import LogitTransform, bits_per_dim, dequantize
+
+__all__ = [
+    "ExactConv2d",
+    "ExactLinear",
+    "Flow",
+    "LogitTransform",
+    "SelfNormalizingConv2d",
+    "SelfNormalizingLinear",
+    "SmoothLeakyReLU",
+    "StandardNormal",
+    "bits_per_dim",
+    "dequantize",
+]
