@@ -92,8 +92,8 @@ def _git(args: list[str], directory: Path) -> str | None:
 def code_version(directory: str | Path | None = None) -> dict:
     r"""Describe the code that produced a measurement.
 
-    Untracked files count as changes, so result files written inside the work tree make
-    it dirty. Call this once at the start of a sweep.
+    Untracked files count as changes, except under ``results/`` and ``reports/``, which a
+    sweep writes into the work tree.
 
     Arguments:
         directory: Where to run git, by default the folder of this package's source.
@@ -107,7 +107,8 @@ def code_version(directory: str | Path | None = None) -> dict:
     directory = Path(__file__).resolve().parent if directory is None else Path(directory)
 
     commit = _git(["rev-parse", "HEAD"], directory)
-    status = _git(["status", "--porcelain"], directory) if commit is not None else None
+    outputs = [":(top)", ":(exclude,top)results", ":(exclude,top)reports"]
+    status = _git(["status", "--porcelain", "--", *outputs], directory) if commit else None
 
     try:
         version = importlib.metadata.version("snf-bench")
@@ -168,7 +169,7 @@ def machine_info(device: torch.device | str, label: str | None = None) -> dict:
             to derive one from the hardware.
 
     Returns:
-        A flat dict with ``label``, ``cpu``, ``logical_cores``, ``torch``, ``cuda``,
+        A flat dict with ``label``, ``cpu``, ``cores``, ``torch``, ``cuda``,
         ``python``, ``os``, ``gpu``, ``gpu_memory_mib``, ``driver`` (from NVML, None
         without it) and ``compute_capability``.
     """
@@ -182,7 +183,7 @@ def machine_info(device: torch.device | str, label: str | None = None) -> dict:
     info = {
         "label": label,
         "cpu": cpu,
-        "logical_cores": cores,
+        "cores": cores,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),

@@ -284,7 +284,7 @@ def test_machine_info_cpu() -> None:
 
     assert re.fullmatch(r"cpu-[a-z0-9.-]+-\d+c", info["label"])
     assert len(info["label"]) <= 64
-    assert info["logical_cores"] == os.cpu_count()
+    assert info["cores"] == os.cpu_count()
     assert info["python"] == platform.python_version()
     assert info["gpu"] is None
     assert info["driver"] is None

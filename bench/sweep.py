@@ -1,0 +1,200 @@
+"""Sweeps: measure every case of a preset and append one record per metric.
+
+Records go to ``<results>/<preset>-<machine label>.jsonl``. Cases already measured in that
+file (same case, metric, protocol and machine label) are skipped, so an interrupted sweep
+resumes where it stopped.
+"""
+
+import gc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.cases import PRESETS, Case, Workload, build_workload
+from bench.memory import peak_memory_mib
+from bench.results import (
+    append_record,
+    case_key,
+    code_version,
+    machine_info,
+    make_record,
+    read_records,
+)
+from bench.timing import Measurement, measure_sample, measure_train
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class SweepSettings:
+    """Options of one sweep, as given on the command line."""
+
+    preset: str
+    results: Path
+    device: str = "cpu"
+    protocol: str = "adaptive"
+    budget_s: float = 10.0
+    dims: tuple[int, ...] | None = None
+    max_dim: int | None = None
+    data_root: str | None = None
+    threads: int | None = None
+    label: str | None = None
+    force: bool = False
+
+
+def select_cases(settings: SweepSettings) -> list[Case]:
+    """Return the preset's cases on the sweep's device, limited by ``dims`` and ``max_dim``."""
+
+    make_cases = PRESETS[settings.preset]
+
+    if settings.preset == "table2":
+        data = "mnist" if settings.data_root else "mnist-embedded"
+        cases = make_cases(device=settings.device, data=data)
+    elif settings.dims is not None:
+        cases = make_cases(device=settings.device, dims=settings.dims)
+    else:
+        cases = make_cases(device=settings.device)
+
+    if settings.max_dim is not None:
+        cases = [case for case in cases if case.dim <= settings.max_dim]
+
+    return cases
+
+
+def protocol_params(settings: SweepSettings) -> dict:
+    """Return the protocol parameters that the sweep's options set."""
+
+    if settings.protocol == "adaptive":
+        return {"budget_s": settings.budget_s}
+
+    return {}
+
+
+METRICS = ("train_time", "sample_time", "train_peak_memory", "sample_peak_memory")
+
+
+def case_metrics(case: Case) -> tuple[str, ...]:
+    """Return the metrics a case has: the nn.Linear reference has no sampling metrics."""
+
+    if case.samples:
+        return METRICS
+
+    return tuple(metric for metric in METRICS if not metric.startswith("sample"))
+
+
+def _peak_memory_row(metric: str, call: Callable[[], object], device: str) -> tuple | None:
+    memory = peak_memory_mib(call, device)
+
+    if memory is None:
+        return None
+
+    peak = memory["peak_mib"]
+    stats = {"n": 1, "mean": peak, "std": 0.0, "median": peak, "cv": 0.0}
+    stats.update({name: peak for name in ("q1", "q3", "min", "max")})
+    protocol = {"name": "peak-once", **{k: v for k, v in memory.items() if k != "peak_mib"}}
+
+    return metric, "MiB", "call", stats, protocol
+
+
+def measure_case(
+    workload: Workload, settings: SweepSettings, metrics: tuple[str, ...], progress: Progress
+) -> Iterator[tuple[str, str, str, dict, dict]]:
+    """Yield (metric, unit, per, stats, protocol) for each requested metric, as measured."""
+
+    device = workload.case.device
+    params = protocol_params(settings)
+
+    if "train_time" in metrics:
+        train: Measurement = measure_train(
+            workload.train_step,
+            device,
+            settings.protocol,
+            batches_per_epoch=workload.epoch_batches,
+            **params,
+        )
+        yield "train_time", "ms", "batch", train.stats, train.protocol
+
+    if "sample_time" in metrics:
+        sample = measure_sample(workload.sample, device, settings.protocol, **params)
+        yield "sample_time", "ms", "sample", sample.stats, sample.protocol
+
+    calls = {
+        "train_peak_memory": lambda: workload.train_step(0),
+        "sample_peak_memory": workload.sample,
+    }
+
+    for metric, call in calls.items():
+        if metric not in metrics:
+            continue
+
+        row = _peak_memory_row(metric, call, device)
+
+        if row is None:
+            progress(f"  {metric}: not measurable on this system, skipped")
+        else:
+            yield row
+
+
+def _describe(metric: str, stats: dict, unit: str, per: str) -> str:
+    cv = stats.get("cv") or 0.0
+
+    return f"{metric} {stats['median']:.4g} {unit}/{per} (n={stats['n']}, cv {100 * cv:.1f}%)"
+
+
+def run_sweep(settings: SweepSettings, progress: Progress = print) -> Path:
+    """Measure every case of the preset not yet in the results file; return the file.
+
+    Each metric is appended as soon as it is measured, so an interruption keeps every
+    finished metric and a rerun measures only what is missing.
+    """
+
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+
+    threads = torch.get_num_threads()
+    machine = machine_info(settings.device, settings.label)
+    code = code_version()
+    path = settings.results / f"{settings.preset}-{machine['label']}.jsonl"
+    done = set()
+
+    if path.exists() and not settings.force:
+        done = {case_key(record) for record in read_records(path)}
+
+    cases = select_cases(settings)
+    progress(f"{settings.preset}: {len(cases)} cases on {settings.device}, writing {path}")
+
+    for number, case in enumerate(cases, start=1):
+        case_record = case.to_record(threads)
+        missing = []
+
+        for metric in case_metrics(case):
+            probe = make_record(
+                settings.preset, case_record, metric, "-", "-", {}, {}, machine, code
+            )
+            probe["protocol"] = {"name": "peak-once" if "memory" in metric else settings.protocol}
+
+            if case_key(probe) not in done:
+                missing.append(metric)
+
+        if not missing:
+            progress(f"[{number}/{len(cases)}] {case.name}: already measured, skipped")
+            continue
+
+        progress(f"[{number}/{len(cases)}] {case.name}")
+        workload = build_workload(case, settings.data_root)
+
+        for metric, unit, per, stats, protocol in measure_case(
+            workload, settings, tuple(missing), progress
+        ):
+            record = make_record(
+                settings.preset, case_record, metric, unit, per, stats, protocol, machine, code
+            )
+            append_record(path, record)
+            progress(f"  {_describe(metric, stats, unit, per)}")
+
+        del workload
+        gc.collect()
+
+    return path
