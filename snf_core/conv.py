@@ -215,8 +215,8 @@ class SelfNormalizingConv2dFunction(torch.autograd.Function):
 
         if grad_logabsdet is not None:
             scale = 0.5 * grad_logabsdet.sum()
-            grad_weight = grad_weight + scale * flip_kernel(inverse_weight) * multiple
-            grad_inverse = grad_inverse - scale * flip_kernel(weight) * multiple
+            grad_weight.addcmul_(flip_kernel(inverse_weight) * multiple, scale)
+            grad_inverse.addcmul_(flip_kernel(weight) * multiple, -scale)
 
         grad_bias = grad_z.sum(dim=(0, 2, 3))
 
@@ -244,7 +244,7 @@ class SelfNormalizingConv2d(_ConvFlow):
     def __init__(self, channels: int, kernel_size: int = 3) -> None:
         super().__init__(channels, kernel_size)
 
-        self.inverse_weight = nn.Parameter(flip_kernel(self.weight.detach()).clone())
+        self.inverse_weight = nn.Parameter(flip_kernel(self.weight.detach()).contiguous())
         self._multiple: dict[tuple, Tensor] = {}
 
     def multiple(self, shape: torch.Size) -> Tensor:

@@ -112,7 +112,7 @@ class SelfNormalizingLinearFunction(torch.autograd.Function):
         bias: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         wx = x @ weight.T
-        error = wx @ inverse_weight.T - x
+        error = torch.addmm(x, wx, inverse_weight.T, beta=-1.0)
 
         ctx.save_for_backward(x, weight, inverse_weight, wx, error)
         ctx.set_materialize_grads(False)
@@ -136,25 +136,27 @@ class SelfNormalizingLinearFunction(torch.autograd.Function):
             grad_z = torch.zeros_like(wx)
 
         grad_x = grad_z @ weight
-        grad_wx = 0.5 * grad_z
-        grad_rwx = -0.5 * grad_x
 
         # The reconstruction error has d/dW = R^T e x^T and d/dR = e (Wx)^T per sample, so it
         # joins the data terms before the two weight products instead of adding two more.
         if grad_reconstruction is not None:
             error = error * (2.0 * grad_reconstruction).unsqueeze(1)
-            grad_wx = grad_wx + error @ inverse_weight
-            grad_rwx = grad_rwx + error
+            grad_wx = torch.add(error @ inverse_weight, grad_z, alpha=0.5)
+            grad_rwx = torch.add(error, grad_x, alpha=-0.5)
+        else:
+            grad_wx = 0.5 * grad_z
+            grad_rwx = -0.5 * grad_x
 
         grad_weight = grad_wx.T @ x
         grad_inverse = grad_rwx.T @ wx
 
         # The placeholder stands for log|det W| per sample: its exact gradient is s W^-T,
-        # replaced by s R^T for W and, symmetrically, by -s W^T for R.
+        # replaced by s R^T for W and, symmetrically, by -s W^T for R. In-place addcmul with
+        # a 0-dim scale avoids a host sync on GPUs and a temporary D x D tensor.
         if grad_logabsdet is not None:
             scale = 0.5 * grad_logabsdet.sum()
-            grad_weight = grad_weight + scale * inverse_weight.T
-            grad_inverse = grad_inverse - scale * weight.T
+            grad_weight.addcmul_(inverse_weight.T, scale)
+            grad_inverse.addcmul_(weight.T, -scale)
 
         grad_bias = grad_z.sum(dim=0)
 
@@ -176,7 +178,7 @@ class SelfNormalizingLinear(_LinearFlow):
     def __init__(self, features: int) -> None:
         super().__init__(features)
 
-        self.inverse_weight = nn.Parameter(self.weight.detach().T.clone())
+        self.inverse_weight = nn.Parameter(self.weight.detach().T.contiguous())
 
     def train_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Map ``x`` and return the output, a log-abs-det placeholder of zeros whose

@@ -182,3 +182,4 @@ def test_initialization_identity_plus_noise() -> None:
     assert noise.abs().max() < 0.01
     assert noise.abs().max() > 0.0
     assert torch.equal(layer.inverse_weight.detach(), layer.weight.detach().T)
+    assert layer.inverse_weight.is_contiguous()
