@@ -257,12 +257,20 @@ class Workload:
         return self.model.sample(1, exact=self.case.method == "exact")
 
 
-def build_workload(case: Case, data_root: str | None = None) -> Workload:
-    """Build a case: model, Adam optimizer with the learning rate of its model, batches."""
+def build_workload(
+    case: Case, data_root: str | None = None, batches: list[Tensor] | None = None
+) -> Workload:
+    """Build a case: model, Adam optimizer with the learning rate of its model, batches.
+
+    Pass ``batches`` from :func:`load_batches` to build several workloads on the same data.
+    """
 
     model = build_model(case)
     optimizer = make_optimizer(model, LEARNING_RATES[case.model])
-    batches = load_batches(case, data_root)
+
+    if batches is None:
+        batches = load_batches(case, data_root)
+
     epoch_batches = batches_per_epoch(case, data_root)
 
     return Workload(case, model, optimizer, batches, epoch_batches)

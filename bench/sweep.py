@@ -14,6 +14,7 @@ import torch
 
 from bench.cases import PRESETS, Case, Workload, build_workload
 from bench.memory import peak_memory_mib
+from bench.probe import measure_in_subprocess
 from bench.results import (
     append_record,
     case_key,
@@ -84,8 +85,17 @@ def case_metrics(case: Case) -> tuple[str, ...]:
     return tuple(metric for metric in METRICS if not metric.startswith("sample"))
 
 
-def _peak_memory_row(metric: str, call: Callable[[], object], device: str) -> tuple | None:
-    memory = peak_memory_mib(call, device)
+def _peak_memory_row(
+    metric: str, call: Callable[[], object], workload: Workload, settings: SweepSettings
+) -> tuple | None:
+    case = workload.case
+
+    # On CUDA the allocator's peak resets per call; resident memory on the CPU does not
+    # shrink when tensors are freed, so the CPU peak needs a fresh process.
+    if case.device.startswith("cuda"):
+        memory = peak_memory_mib(call, case.device)
+    else:
+        memory = measure_in_subprocess(case, metric, settings.data_root, torch.get_num_threads())
 
     if memory is None:
         return None
@@ -129,7 +139,7 @@ def measure_case(
         if metric not in metrics:
             continue
 
-        row = _peak_memory_row(metric, call, device)
+        row = _peak_memory_row(metric, call, workload, settings)
 
         if row is None:
             progress(f"  {metric}: not measurable on this system, skipped")
