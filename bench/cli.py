@@ -5,11 +5,12 @@ Invalid input ends with one line on stderr, ``snf-bench: error: ...``, and exit 
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from bench.cases import FIGURE3_DIMS, PRESETS
+from bench.cases import FIGURE3_DIMS, METHODS, MODELS, PRESETS
 from bench.report import write_reports
 from bench.results import ResultsError, read_records, validate_label
 from bench.sweep import SweepSettings, run_sweep
@@ -56,6 +57,21 @@ def _positive_float(text: str) -> float:
 
 def _dims(text: str) -> tuple[int, ...]:
     return tuple(_positive_int(part) for part in text.split(","))
+
+
+def _choices(valid: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(text.split(","))
+
+        for value in values:
+            if value not in valid:
+                raise argparse.ArgumentTypeError(
+                    f"invalid value {value!r}; choose from {', '.join(valid)}"
+                )
+
+        return values
+
+    return parse
 
 
 def _label(text: str) -> str:
@@ -117,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip cases whose input dimension D (numbers per sample) exceeds this",
     )
     sweep.add_argument(
+        "--models",
+        type=_choices(MODELS),
+        metavar="M,M",
+        help=f"measure only these models, comma-separated from {', '.join(MODELS)}",
+    )
+    sweep.add_argument(
+        "--methods",
+        type=_choices(METHODS),
+        metavar="M,M",
+        help=f"measure only these methods, comma-separated from {', '.join(METHODS)}",
+    )
+    sweep.add_argument(
         "--data",
         metavar="FOLDER",
         help="table2: folder with full MNIST in torchvision layout (FOLDER/MNIST/raw); "
@@ -133,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument(
         "--force", action="store_true", help="measure again cases the results file already has"
+    )
+    sweep.add_argument(
+        "--skip-memory",
+        action="store_true",
+        help="skip the peak-memory metrics; on the CPU each one runs in a fresh Python "
+        "process, which adds a few seconds per case",
     )
 
     report = commands.add_parser(
@@ -212,6 +246,9 @@ def _sweep(args: argparse.Namespace) -> int:
         threads=args.threads,
         label=args.label,
         force=args.force,
+        memory=not args.skip_memory,
+        models=args.models,
+        methods=args.methods,
     )
 
     def progress(line: str) -> None:

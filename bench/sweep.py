@@ -43,6 +43,9 @@ class SweepSettings:
     threads: int | None = None
     label: str | None = None
     force: bool = False
+    memory: bool = True
+    models: tuple[str, ...] | None = None
+    methods: tuple[str, ...] | None = None
 
 
 def select_cases(settings: SweepSettings) -> list[Case]:
@@ -61,6 +64,12 @@ def select_cases(settings: SweepSettings) -> list[Case]:
     if settings.max_dim is not None:
         cases = [case for case in cases if case.dim <= settings.max_dim]
 
+    if settings.models is not None:
+        cases = [case for case in cases if case.model in settings.models]
+
+    if settings.methods is not None:
+        cases = [case for case in cases if case.method in settings.methods]
+
     return cases
 
 
@@ -76,13 +85,15 @@ def protocol_params(settings: SweepSettings) -> dict:
 METRICS = ("train_time", "sample_time", "train_peak_memory", "sample_peak_memory")
 
 
-def case_metrics(case: Case) -> tuple[str, ...]:
+def case_metrics(case: Case, memory: bool = True) -> tuple[str, ...]:
     """Return the metrics a case has: the nn.Linear reference has no sampling metrics."""
 
-    if case.samples:
-        return METRICS
+    metrics = METRICS if memory else METRICS[:2]
 
-    return tuple(metric for metric in METRICS if not metric.startswith("sample"))
+    if case.samples:
+        return metrics
+
+    return tuple(metric for metric in metrics if not metric.startswith("sample"))
 
 
 def _peak_memory_row(
@@ -179,7 +190,7 @@ def run_sweep(settings: SweepSettings, progress: Progress = print) -> Path:
         case_record = case.to_record(threads)
         missing = []
 
-        for metric in case_metrics(case):
+        for metric in case_metrics(case, settings.memory):
             probe = make_record(
                 settings.preset, case_record, metric, "-", "-", {}, {}, machine, code
             )
