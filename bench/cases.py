@@ -7,7 +7,7 @@ device and the two callables that the harness times: one training step and one s
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -228,7 +228,6 @@ class Workload:
     optimizer: torch.optim.Optimizer
     batches: list[Tensor]
     epoch_batches: int
-    losses: list[float] = field(default_factory=list)
 
     def train_step(self, index: int) -> None:
         """Run one training step on batch ``index``: forward, backward and Adam step."""

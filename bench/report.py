@@ -411,7 +411,7 @@ def table2_markdown(records: Sequence[dict]) -> str:
             lines += [linear_line, ""]
 
     lines += [f"## {PAPER_LABEL}", ""]
-    lines += ["Published in Table 2 of the paper; no nn.Linear reference was published.", ""]
+    lines += ["Published in Table 2 of Keller et al.; they published no nn.Linear reference.", ""]
     lines += [markdown_table(paper_table2_frame()), ""]
     lines += _notes_section(notes)
 
@@ -499,7 +499,8 @@ def _table2_frame(cells: dict[tuple[str, str, str], Measurement]) -> pd.DataFram
 
         for metric in memory_metrics:
             column = "Train peak MiB" if metric == "train_peak_memory" else "Sample peak MiB"
-            row[column] = _mean_std_text(row_cells[metric])
+            peak = row_cells[metric]
+            row[column] = _MISSING if peak is None else format_value(peak.mean)
 
         row["Flags"] = _noisy_flag(row_cells)
         rows.append(row)

@@ -97,7 +97,11 @@ def case_metrics(case: Case, memory: bool = True) -> tuple[str, ...]:
 
 
 def _peak_memory_row(
-    metric: str, call: Callable[[], object], workload: Workload, settings: SweepSettings
+    metric: str,
+    call: Callable[[], object],
+    workload: Workload,
+    settings: SweepSettings,
+    progress: Progress,
 ) -> tuple | None:
     case = workload.case
 
@@ -106,7 +110,13 @@ def _peak_memory_row(
     if case.device.startswith("cuda"):
         memory = peak_memory_mib(call, case.device)
     else:
-        memory = measure_in_subprocess(case, metric, settings.data_root, torch.get_num_threads())
+        try:
+            memory = measure_in_subprocess(
+                case, metric, settings.data_root, torch.get_num_threads()
+            )
+        except RuntimeError as error:
+            progress(f"  {metric}: skipped, {error}")
+            return None
 
     if memory is None:
         return None
@@ -150,10 +160,10 @@ def measure_case(
         if metric not in metrics:
             continue
 
-        row = _peak_memory_row(metric, call, workload, settings)
+        row = _peak_memory_row(metric, call, workload, settings, progress)
 
         if row is None:
-            progress(f"  {metric}: not measurable on this system, skipped")
+            progress(f"  {metric}: skipped, not measurable on this system")
         else:
             yield row
 
