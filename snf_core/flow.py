@@ -43,6 +43,8 @@ class Flow(nn.Module):
         shape: The per-sample shape of the data, such as ``(784,)`` or ``(1, 28, 28)``.
         reconstruction_weight: The weight :math:`\lambda` of the layer-wise reconstruction
             error in :meth:`loss`.
+        latent_shape: The per-sample shape of :math:`z` where layers such as squeezes
+            reshape the data; ``shape`` by default.
     """
 
     def __init__(
@@ -50,12 +52,21 @@ class Flow(nn.Module):
         layers: Sequence[nn.Module],
         shape: Sequence[int],
         reconstruction_weight: float = 1.0,
+        latent_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
 
         self.layers = nn.ModuleList(layers)
         self.shape = tuple(shape)
-        self.base = StandardNormal(shape)
+        self.latent_shape = self.shape if latent_shape is None else tuple(latent_shape)
+
+        if math.prod(self.latent_shape) != math.prod(self.shape):
+            raise ValueError(
+                f"latent_shape {self.latent_shape} must have as many elements as shape "
+                f"{self.shape}, because every layer is a bijection"
+            )
+
+        self.base = StandardNormal(self.latent_shape)
         self.reconstruction_weight = reconstruction_weight
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
