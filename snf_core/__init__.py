@@ -5,6 +5,7 @@ from snf_core.conv import ExactConv2d, SelfNormalizingConv2d
 from snf_core.flow import Flow, StandardNormal
 from snf_core.linear import ExactLinear, SelfNormalizingLinear
 from snf_core.preprocess import LogitTransform, bits_per_dim, dequantize
+from snf_core.squeeze import Squeeze
 
 __all__ = [
     "ExactConv2d",
@@ -14,6 +15,7 @@ __all__ = [
     "SelfNormalizingConv2d",
     "SelfNormalizingLinear",
     "SmoothLeakyReLU",
+    "Squeeze",
     "StandardNormal",
     "bits_per_dim",
     "dequantize",
