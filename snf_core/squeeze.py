@@ -1,6 +1,5 @@
 """Squeeze: trade spatial resolution for channels, a volume-preserving reshape."""
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
