@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bench.cases import PRESETS, Case, Workload, build_workload
+from bench.gpu_state import GpuStateRecorder, measure_with_state, recorder_for
 from bench.memory import peak_memory_mib
 from bench.probe import measure_in_subprocess
 from bench.results import (
@@ -23,7 +24,7 @@ from bench.results import (
     make_record,
     read_records,
 )
-from bench.timing import Measurement, measure_sample, measure_train
+from bench.timing import measure_sample, measure_train
 
 Progress = Callable[[str], None]
 
@@ -130,26 +131,39 @@ def _peak_memory_row(
 
 
 def measure_case(
-    workload: Workload, settings: SweepSettings, metrics: tuple[str, ...], progress: Progress
-) -> Iterator[tuple[str, str, str, dict, dict]]:
-    """Yield (metric, unit, per, stats, protocol) for each requested metric, as measured."""
+    workload: Workload,
+    settings: SweepSettings,
+    metrics: tuple[str, ...],
+    progress: Progress,
+    gpu: GpuStateRecorder | None = None,
+) -> Iterator[tuple[str, str, str, dict, dict, dict | None]]:
+    """Yield (metric, unit, per, stats, protocol, gpu_state) for each requested metric.
+
+    ``gpu_state`` holds the recorder's snapshots from just before and after a timing
+    measurement. It is None for memory metrics, without a recorder, or when NVML failed.
+    """
 
     device = workload.case.device
     params = protocol_params(settings)
 
     if "train_time" in metrics:
-        train: Measurement = measure_train(
-            workload.train_step,
-            device,
-            settings.protocol,
-            batches_per_epoch=workload.epoch_batches,
-            **params,
+        train, state = measure_with_state(
+            gpu,
+            lambda: measure_train(
+                workload.train_step,
+                device,
+                settings.protocol,
+                batches_per_epoch=workload.epoch_batches,
+                **params,
+            ),
         )
-        yield "train_time", "ms", "batch", train.stats, train.protocol
+        yield "train_time", "ms", "batch", train.stats, train.protocol, state
 
     if "sample_time" in metrics:
-        sample = measure_sample(workload.sample, device, settings.protocol, **params)
-        yield "sample_time", "ms", "sample", sample.stats, sample.protocol
+        sample, state = measure_with_state(
+            gpu, lambda: measure_sample(workload.sample, device, settings.protocol, **params)
+        )
+        yield "sample_time", "ms", "sample", sample.stats, sample.protocol, state
 
     calls = {
         "train_peak_memory": lambda: workload.train_step(0),
@@ -165,7 +179,7 @@ def measure_case(
         if row is None:
             progress(f"  {metric}: skipped, not measurable on this system")
         else:
-            yield row
+            yield *row, None
 
 
 def _describe(metric: str, stats: dict, unit: str, per: str) -> str:
@@ -194,6 +208,7 @@ def run_sweep(settings: SweepSettings, progress: Progress = print) -> Path:
         done = {case_key(record) for record in read_records(path)}
 
     cases = select_cases(settings)
+    gpu = recorder_for(settings.device, progress)
     progress(f"{settings.preset}: {len(cases)} cases on {settings.device}, writing {path}")
 
     for number, case in enumerate(cases, start=1):
@@ -216,12 +231,16 @@ def run_sweep(settings: SweepSettings, progress: Progress = print) -> Path:
         progress(f"[{number}/{len(cases)}] {case.name}")
         workload = build_workload(case, settings.data_root)
 
-        for metric, unit, per, stats, protocol in measure_case(
-            workload, settings, tuple(missing), progress
+        for metric, unit, per, stats, protocol, state in measure_case(
+            workload, settings, tuple(missing), progress, gpu
         ):
             record = make_record(
                 settings.preset, case_record, metric, unit, per, stats, protocol, machine, code
             )
+
+            if state is not None:
+                record["gpu_state"] = state
+
             append_record(path, record)
             progress(f"  {_describe(metric, stats, unit, per)}")
 
