@@ -55,6 +55,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index_text, slash, count_text = text.partition("/")
+
+    try:
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        index = count = 0
+
+    if not slash or not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(
+            f"invalid shard {text!r}; expected I/N with 1 <= I <= N, such as 1/4"
+        )
+
+    return index, count
+
+
 def _dims(text: str) -> tuple[int, ...]:
     return tuple(_positive_int(part) for part in text.split(","))
 
@@ -163,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="measure again cases the results file already has"
     )
     sweep.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="I/N",
+        help="measure only shard I of N: the cases at 0-based positions p with p %% N == I - 1, "
+        "after the other options select them, so that N jobs with the same options split one "
+        "sweep; pass all their result files to report or compare",
+    )
+    sweep.add_argument(
         "--skip-memory",
         action="store_true",
         help="skip the peak-memory metrics; on the CPU each one runs in a fresh Python "
@@ -249,6 +273,7 @@ def _sweep(args: argparse.Namespace) -> int:
         memory=not args.skip_memory,
         models=args.models,
         methods=args.methods,
+        shard=args.shard,
     )
 
     def progress(line: str) -> None:

@@ -2,7 +2,8 @@
 
 Records go to ``<results>/<preset>-<machine label>.jsonl``. Cases already measured in that
 file (same case, metric, protocol and machine label) are skipped, so an interrupted sweep
-resumes where it stopped.
+resumes where it stopped. A shard ``i/n`` measures every n-th case only, so that several jobs
+split one sweep and their result files merge by concatenation.
 """
 
 import gc
@@ -47,6 +48,7 @@ class SweepSettings:
     memory: bool = True
     models: tuple[str, ...] | None = None
     methods: tuple[str, ...] | None = None
+    shard: tuple[int, int] | None = None
 
 
 def select_cases(settings: SweepSettings) -> list[Case]:
@@ -72,6 +74,25 @@ def select_cases(settings: SweepSettings) -> list[Case]:
         cases = [case for case in cases if case.method in settings.methods]
 
     return cases
+
+
+def shard_cases(cases: list[Case], shard: tuple[int, int] | None) -> list[Case]:
+    """Return the cases of shard ``(i, n)``: those at 0-based positions p with p % n == i - 1.
+
+    The n shards of one list are disjoint and together contain every case, provided that every
+    shard selects its cases with the same options. Taking every n-th case spreads small and
+    large D evenly over the shards. ``None`` returns every case.
+    """
+
+    if shard is None:
+        return cases
+
+    index, count = shard
+
+    if not 1 <= index <= count:
+        raise ValueError(f"shard {index}/{count} is invalid; expected i/n with 1 <= i <= n")
+
+    return [case for position, case in enumerate(cases) if position % count == index - 1]
 
 
 def protocol_params(settings: SweepSettings) -> dict:
@@ -192,7 +213,9 @@ def run_sweep(settings: SweepSettings, progress: Progress = print) -> Path:
     """Measure every case of the preset not yet in the results file; return the file.
 
     Each metric is appended as soon as it is measured, so an interruption keeps every
-    finished metric and a rerun measures only what is missing.
+    finished metric and a rerun measures only what is missing. With ``settings.shard``, only
+    that shard's cases are measured and each record's protocol stores the shard. The shard is
+    not part of the resume key, so a case measured in any shard counts as measured.
     """
 
     if settings.threads is not None:
@@ -207,9 +230,18 @@ def run_sweep(settings: SweepSettings, progress: Progress = print) -> Path:
     if path.exists() and not settings.force:
         done = {case_key(record) for record in read_records(path)}
 
-    cases = select_cases(settings)
+    cases = shard_cases(select_cases(settings), settings.shard)
+    shard = None
+    shard_text = ""
+
+    if settings.shard is not None:
+        shard = {"index": settings.shard[0], "count": settings.shard[1]}
+        shard_text = f" (shard {settings.shard[0]}/{settings.shard[1]})"
+
     gpu = recorder_for(settings.device, progress)
-    progress(f"{settings.preset}: {len(cases)} cases on {settings.device}, writing {path}")
+    progress(
+        f"{settings.preset}: {len(cases)} cases{shard_text} on {settings.device}, writing {path}"
+    )
 
     for number, case in enumerate(cases, start=1):
         case_record = case.to_record(threads)
@@ -234,6 +266,9 @@ def run_sweep(settings: SweepSettings, progress: Progress = print) -> Path:
         for metric, unit, per, stats, protocol, state in measure_case(
             workload, settings, tuple(missing), progress, gpu
         ):
+            if shard is not None:
+                protocol = {**protocol, "shard": shard}
+
             record = make_record(
                 settings.preset, case_record, metric, unit, per, stats, protocol, machine, code
             )
