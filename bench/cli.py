@@ -1,9 +1,13 @@
-"""Command line: ``snf-bench sweep`` measures a preset, ``snf-bench report`` renders results.
+"""Command line: ``snf-bench sweep`` measures a preset, ``snf-bench report`` renders results,
+``snf-bench compare`` compares machines and devices and gates regressions.
 
-Invalid input ends with one line on stderr, ``snf-bench: error: ...``, and exit status 2.
+Invalid input ends with one line on stderr, ``snf-bench: error: ...``, and exit status 2. A
+regression found by ``compare --against`` ends with one line, ``snf-bench: regression: ...``,
+and exit status 1.
 """
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,12 +15,20 @@ from pathlib import Path
 import torch
 
 from bench.cases import FIGURE3_DIMS, METHODS, MODELS, PRESETS
-from bench.report import write_reports
+from bench.compare import (
+    DEFAULT_MAX_RATIO,
+    DEFAULT_NOISE_K,
+    STATISTICS,
+    CompareOptions,
+    run_compare,
+)
+from bench.report import NOISY_CV, write_reports
 from bench.results import ResultsError, read_records, validate_label
-from bench.sweep import SweepSettings, run_sweep
+from bench.sweep import METRICS, SweepSettings, run_sweep
 from bench.timing import PROTOCOLS
 from snf_core.data import DataError
 
+EXIT_REGRESSION = 1
 EXIT_USAGE = 2
 
 
@@ -51,6 +63,18 @@ def _positive_float(text: str) -> float:
 
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+
+    return value
+
+
+def _ratio_limit(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(f"must be a ratio of at least 1, got {text}")
 
     return value
 
@@ -211,7 +235,89 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("reports"), help="output folder (default: reports)"
     )
 
+    _add_compare_parser(commands)
+
     return parser
+
+
+def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
+    compare = commands.add_parser(
+        "compare",
+        help="compare result files across machines and devices, and gate regressions",
+        description="Write compare.md (one table per preset and metric: a row per case, a "
+        "column per machine label and device, each cell with its ratio to a baseline column) "
+        "and the Figure 3 plots by device. When GITHUB_STEP_SUMMARY is set, the Markdown is "
+        "also appended to that file. With --against, exit 1 when a case got slower than "
+        "--max-ratio allows.",
+    )
+    compare.add_argument(
+        "paths",
+        type=Path,
+        nargs="+",
+        metavar="FILE_OR_FOLDER",
+        help="result files, or folders searched for *.jsonl; the files of several shards or "
+        "machines merge",
+    )
+    compare.add_argument(
+        "--baseline",
+        metavar="LABEL[/DEVICE]",
+        help="the column that ratios divide by, as a machine label or LABEL/DEVICE such as "
+        "ci-h200/cuda:0 (default: the first label in sorted order)",
+    )
+    compare.add_argument(
+        "--metric",
+        type=_choices(METRICS),
+        metavar="M,M",
+        help=f"metrics to show and gate, comma-separated from {', '.join(METRICS)} (default: "
+        "every metric found for the tables, train_time,sample_time for the gate)",
+    )
+    compare.add_argument(
+        "--statistic",
+        choices=STATISTICS,
+        default="median",
+        help="the cell value: median, or mean for mean ± std (default: median)",
+    )
+    compare.add_argument(
+        "--noisy-cv",
+        type=_positive_float,
+        default=NOISY_CV,
+        metavar="CV",
+        help="flag cells whose coefficient of variation (std / mean) exceeds this as too noisy "
+        f"to compare (default: {NOISY_CV:g})",
+    )
+    compare.add_argument(
+        "--out",
+        type=Path,
+        default=Path("reports"),
+        metavar="DIR",
+        help="output folder for compare.md and the plots (default: reports)",
+    )
+    compare.add_argument(
+        "--against",
+        type=Path,
+        metavar="BASELINE",
+        help="regression gate: a baseline result file or folder. A case present in both "
+        "regresses when its new median exceeds --max-ratio times the baseline median and the "
+        "change is outside the noise. Where both records store the 95%% confidence interval of "
+        "the median (the adaptive protocol does), the change is noise when the two intervals "
+        "overlap, because the data then do not show the medians differ. Otherwise it is noise "
+        "when the relative change is at most --noise-k times the larger cv, a loose bound "
+        "since cv is the spread of single calls. Exit 1 names the worst regression",
+    )
+    compare.add_argument(
+        "--max-ratio",
+        type=_ratio_limit,
+        metavar="RATIO",
+        help=f"with --against: the largest new/baseline median ratio that passes (default: "
+        f"{DEFAULT_MAX_RATIO:g})",
+    )
+    compare.add_argument(
+        "--noise-k",
+        type=_positive_float,
+        metavar="K",
+        help="with --against: the multiple of cv that counts as noise for records without a "
+        f"median interval (default: {DEFAULT_NOISE_K:g})",
+    )
 
 
 def _check_device(device: str) -> None:
@@ -328,12 +434,61 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    paths = [*args.paths, *([args.against] if args.against is not None else [])]
+    missing = [str(path) for path in paths if not path.exists()]
+
+    if missing:
+        raise UsageError(
+            f"results path {missing[0]!r} does not exist; run 'snf-bench sweep' first or name "
+            "existing files or folders"
+        )
+
+    if args.against is None and (args.max_ratio is not None or args.noise_k is not None):
+        raise UsageError("--max-ratio and --noise-k apply with --against BASELINE only")
+
+    options = CompareOptions(
+        paths=args.paths,
+        out=args.out,
+        baseline=args.baseline,
+        metrics=args.metric,
+        statistic=args.statistic,
+        noisy_cv=args.noisy_cv,
+        against=args.against,
+        max_ratio=DEFAULT_MAX_RATIO if args.max_ratio is None else args.max_ratio,
+        noise_k=DEFAULT_NOISE_K if args.noise_k is None else args.noise_k,
+    )
+
+    def progress(line: str) -> None:
+        print(f"snf-bench: {line}", file=sys.stderr, flush=True)
+
+    try:
+        outcome = run_compare(options, progress)
+    except OSError as error:
+        raise UsageError(
+            f"cannot write the comparison to {str(args.out)!r} ({error.strerror}); "
+            "choose a writable folder with --out DIR"
+        ) from None
+
+    for path in outcome.written:
+        print(path)
+
+    if outcome.regression is not None:
+        print(f"snf-bench: regression: {outcome.regression}", file=sys.stderr)
+        return EXIT_REGRESSION
+
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
 
         if args.command == "sweep":
             return _sweep(args)
+
+        if args.command == "compare":
+            return _compare(args)
 
         return _report(args)
     except (UsageError, ResultsError, DataError, ValueError) as error:
