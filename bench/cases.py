@@ -21,15 +21,26 @@ from snf_core import (
     SelfNormalizingConv2d,
     SelfNormalizingLinear,
     dequantize,
+    models,
 )
 from snf_core.data import MNIST_SHAPE, gaussian_inputs, load_mnist
 
-MODELS = ("fc", "conv")
-METHODS = ("snf", "exact", "linear")
+# The training methods of each model: single layers (fc, conv) for Table 2 and Figure 3,
+# whole flows (fc2, conv9, glow) for Table 3.
+MODEL_METHODS = {
+    "fc": ("snf", "exact", "linear"),
+    "conv": ("snf", "exact"),
+    "fc2": ("snf", "exact", "relative"),
+    "conv9": ("snf", "exact", "emerging", "convexp"),
+    "glow": ("snf", "exact"),
+}
+MODELS = tuple(MODEL_METHODS)
+METHODS = ("snf", "exact", "linear", "relative", "emerging", "convexp")
 DATA_SOURCES = ("mnist-embedded", "mnist", "gaussian")
 
-# Adam learning rates of Keller et al., appendix A.3.1: 1e-4 for FC and 1e-3 for conv flows.
-LEARNING_RATES = {"fc": 1e-4, "conv": 1e-3}
+# Adam learning rates of Keller et al., appendix A.3.1: 1e-4 for FC and 1e-3 for conv and
+# Glow-like flows.
+LEARNING_RATES = {"fc": 1e-4, "conv": 1e-3, "fc2": 1e-4, "conv9": 1e-3, "glow": 1e-3}
 
 # MNIST has 60,000 training images: an epoch of Gaussian inputs has as many samples.
 EPOCH_SAMPLES = 60_000
@@ -42,9 +53,12 @@ class Case:
     """One benchmark configuration.
 
     Arguments:
-        model: ``"fc"`` for one linear flow layer, ``"conv"`` for one 3×3 convolution.
-        method: ``"snf"`` (self-normalizing gradient), ``"exact"`` (autograd through
-            slogdet), or ``"linear"`` (a plain :class:`torch.nn.Linear` reference, FC only).
+        model: ``"fc"`` for one linear flow layer, ``"conv"`` for one 3×3 convolution, or a
+            whole flow of Table 3: ``"fc2"``, ``"conv9"`` or ``"glow"``.
+        method: One of :data:`MODEL_METHODS` for the model: ``"snf"`` (self-normalizing
+            gradient), ``"exact"`` (autograd through slogdet), ``"linear"`` (a plain
+            :class:`torch.nn.Linear` reference), ``"relative"`` (relative gradient),
+            ``"emerging"`` (emerging convolutions) or ``"convexp"`` (convolution exponential).
         shape: The per-sample shape, ``(D,)`` for FC and ``(C, H, W)`` for conv.
         batch_size: The training batch size.
         data: ``"mnist-embedded"``, ``"mnist"`` (a local folder) or ``"gaussian"``.
@@ -66,11 +80,11 @@ class Case:
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; expected one of {MODELS}")
 
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
-
-        if self.method == "linear" and self.model != "fc":
-            raise ValueError("the nn.Linear reference exists for model 'fc' only")
+        if self.method not in MODEL_METHODS[self.model]:
+            raise ValueError(
+                f"unknown method {self.method!r} for model {self.model!r}; expected one of "
+                f"{MODEL_METHODS[self.model]}"
+            )
 
         if self.data not in DATA_SOURCES:
             raise ValueError(f"unknown data {self.data!r}; expected one of {DATA_SOURCES}")
@@ -113,9 +127,12 @@ class Case:
 def table2_cases(device: str = "cpu", data: str = "mnist-embedded") -> list[Case]:
     """Return the single-layer cases of Table 2: FC on 784 and 3×3 conv on 1×28×28."""
 
-    cases = [Case("fc", method, (784,), 100, data, device=device) for method in METHODS]
+    cases = [
+        Case("fc", method, (784,), 100, data, device=device) for method in MODEL_METHODS["fc"]
+    ]
     cases += [
-        Case("conv", method, MNIST_SHAPE, 100, data, device=device) for method in METHODS[:2]
+        Case("conv", method, MNIST_SHAPE, 100, data, device=device)
+        for method in MODEL_METHODS["conv"]
     ]
 
     return cases
@@ -128,18 +145,34 @@ def figure3_cases(device: str = "cpu", dims: tuple[int, ...] = FIGURE3_DIMS) -> 
     cases = []
 
     for dim in dims:
-        cases += [Case("fc", method, (dim,), 128, "gaussian", device=device) for method in METHODS]
+        cases += [
+            Case("fc", method, (dim,), 128, "gaussian", device=device)
+            for method in MODEL_METHODS["fc"]
+        ]
         cases += [
             Case("conv", method, (1, dim, 1), 128, "gaussian", device=device)
-            for method in METHODS[:2]
+            for method in MODEL_METHODS["conv"]
         ]
 
     return cases
 
 
+def table3_cases(device: str = "cpu", data: str = "mnist-embedded") -> list[Case]:
+    """Return the whole flows of Table 3 on MNIST batches of 100, every method of each."""
+
+    shapes = {"fc2": (784,), "conv9": MNIST_SHAPE, "glow": MNIST_SHAPE}
+
+    return [
+        Case(model, method, shape, 100, data, device=device)
+        for model, shape in shapes.items()
+        for method in MODEL_METHODS[model]
+    ]
+
+
 PRESETS: dict[str, Callable[..., list[Case]]] = {
     "table2": table2_cases,
     "figure3": figure3_cases,
+    "table3": table3_cases,
 }
 
 
@@ -148,7 +181,9 @@ def build_model(case: Case) -> nn.Module:
 
     torch.manual_seed(0)
 
-    if case.method == "linear":
+    if case.model in ("fc2", "conv9", "glow"):
+        model = models.build_flow(case.model, case.method)
+    elif case.method == "linear":
         model = nn.Linear(case.dim, case.dim)
     elif case.model == "fc":
         layer_class = SelfNormalizingLinear if case.method == "snf" else ExactLinear

@@ -56,7 +56,7 @@ def select_cases(settings: SweepSettings) -> list[Case]:
 
     make_cases = PRESETS[settings.preset]
 
-    if settings.preset == "table2":
+    if settings.preset in ("table2", "table3"):
         data = "mnist" if settings.data_root else "mnist-embedded"
         cases = make_cases(device=settings.device, data=data)
     elif settings.dims is not None:

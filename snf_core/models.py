@@ -39,3 +39,72 @@ def fc2_flow(method: str, features: int = 784, layers: int = 2) -> Flow:
     weight = 1.0 if method == "snf" else 0.0
 
     return Flow(stack, (features,), reconstruction_weight=weight)
+
+
+CONV_METHODS = ("exact", "emerging", "convexp", "snf")
+
+
+def conv9_flow(
+    method: str, shape: tuple[int, int, int] = (1, 28, 28), blocks: int = 3, steps: int = 3
+) -> Flow:
+    """Return ``blocks`` blocks of ``steps`` times (3×3 conv, per-pixel spline with 5 knots),
+    with a squeeze between blocks: (1, 28, 28) becomes (4, 14, 14), then (16, 7, 7).
+
+    Arguments:
+        method: ``"exact"`` (dense-matrix slogdet in the graph), ``"emerging"`` (emerging
+            convolutions), ``"convexp"`` (convolution exponential) or ``"snf"``
+            (self-normalizing, reconstruction weight 1).
+        shape: The per-sample input shape (C, H, W); H and W must halve ``blocks - 1`` times.
+    """
+
+    from snf_core.conv import ExactConv2d, SelfNormalizingConv2d
+    from snf_core.conv_exponential import ConvExponential2d
+    from snf_core.emerging import EmergingConv2d
+    from snf_core.spline import RationalQuadraticSpline
+    from snf_core.squeeze import Squeeze
+
+    conv_classes = {
+        "exact": ExactConv2d,
+        "emerging": EmergingConv2d,
+        "convexp": ConvExponential2d,
+        "snf": SelfNormalizingConv2d,
+    }
+
+    if method not in conv_classes:
+        raise ValueError(f"unknown conv method {method!r}; expected one of {CONV_METHODS}")
+
+    channels, height, width = shape
+    stack = []
+
+    for block in range(blocks):
+        if block > 0:
+            stack.append(Squeeze())
+            channels, height, width = 4 * channels, height // 2, width // 2
+
+        for _ in range(steps):
+            stack.append(conv_classes[method](channels, 3))
+            stack.append(RationalQuadraticSpline((channels, height, width), bins=5))
+
+    weight = 1.0 if method == "snf" else 0.0
+
+    return Flow(stack, shape, reconstruction_weight=weight, latent_shape=(channels, height, width))
+
+
+def build_flow(model: str, method: str) -> Flow:
+    """Return a Table 3 flow on MNIST by name: ``"fc2"``, ``"conv9"`` or ``"glow"``."""
+
+    if model == "fc2":
+        return fc2_flow(method)
+
+    if model == "conv9":
+        return conv9_flow(method)
+
+    if model == "glow":
+        from snf_core.glow import glow_flow
+
+        if method not in ("exact", "snf"):
+            raise ValueError(f"unknown Glow-like method {method!r}; expected exact or snf")
+
+        return glow_flow(self_normalizing=method == "snf")
+
+    raise ValueError(f"unknown model {model!r}; expected fc2, conv9 or glow")

@@ -154,7 +154,7 @@ def test_table2_on_embedded_digits(tmp_path: Path, capsys: pytest.CaptureFixture
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["sweep", "table3"], "invalid choice: 'table3'"),
+        (["sweep", "table9"], "invalid choice: 'table9'"),
         (["sweep", "figure3", "--max-dim", "0"], "must be a positive integer, got 0"),
         (["sweep", "figure3", "--dims", "32,-5"], "must be a positive integer, got -5"),
         (["sweep", "figure3", "--budget", "0"], "must be a positive number, got 0"),
