@@ -1,11 +1,37 @@
 r"""A normalizing flow: a stack of layers on a standard normal base distribution."""
 
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+
+def train_forward_layers(layers: Iterable[nn.Module], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Map ``x`` through ``layers`` for training.
+
+    Layers with ``train_forward`` (self-normalizing ones) contribute a log-abs-det
+    placeholder that carries their approximate gradient, and their reconstruction error.
+
+    Returns:
+        The output, the summed per-sample log-abs-det and the summed per-sample
+        reconstruction error.
+    """
+
+    logabsdet = x.new_zeros(x.shape[0])
+    reconstruction = x.new_zeros(x.shape[0])
+
+    for layer in layers:
+        if hasattr(layer, "train_forward"):
+            x, ladj, error = layer.train_forward(x)
+            reconstruction = reconstruction + error
+        else:
+            x, ladj = layer(x)
+
+        logabsdet = logabsdet + ladj
+
+    return x, logabsdet, reconstruction
 
 
 class StandardNormal(nn.Module):
@@ -100,19 +126,8 @@ class Flow(nn.Module):
         :meth:`log_prob` for the likelihood.
         """
 
-        logabsdet = x.new_zeros(x.shape[0])
-        reconstruction = x.new_zeros(x.shape[0])
-
-        for layer in self.layers:
-            if hasattr(layer, "train_forward"):
-                x, ladj, error = layer.train_forward(x)
-                reconstruction = reconstruction + error
-            else:
-                x, ladj = layer(x)
-
-            logabsdet = logabsdet + ladj
-
-        nll = -(self.base.log_prob(x) + logabsdet)
+        z, logabsdet, reconstruction = train_forward_layers(self.layers, x)
+        nll = -(self.base.log_prob(z) + logabsdet)
 
         if self.reconstruction_weight == 0.0:
             return nll.mean()

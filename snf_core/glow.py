@@ -22,7 +22,7 @@ from torch import Tensor
 
 from snf_core.cache import WeightCache
 from snf_core.conv import SelfNormalizingConv2d, flip_kernel
-from snf_core.flow import Flow
+from snf_core.flow import Flow, train_forward_layers
 from snf_core.squeeze import Squeeze
 
 
@@ -316,17 +316,7 @@ class Split(nn.Module):
 
         factored, h = self._halves(x)
         shape = h.shape
-        logabsdet = x.new_zeros(x.shape[0])
-        reconstruction = x.new_zeros(x.shape[0])
-
-        for layer in self.layers:
-            if hasattr(layer, "train_forward"):
-                h, ladj, error = layer.train_forward(h)
-                reconstruction = reconstruction + error
-            else:
-                h, ladj = layer(h)
-
-            logabsdet = logabsdet + ladj
+        h, logabsdet, reconstruction = train_forward_layers(self.layers, h)
 
         return self._join(factored, h, shape), logabsdet, reconstruction
 
