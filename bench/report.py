@@ -1,4 +1,4 @@
-"""Markdown tables and plots of Table 2 and Figure 3, made from result records alone.
+"""Markdown tables and plots of Tables 2 and 3 and Figure 3, made from result records alone.
 
 A result record is one measured metric as stored in the JSON Lines result files (schema 1). The
 reports never use the state of a run. Times are shown in ms and memory in MiB, whatever unit a
@@ -54,8 +54,44 @@ TABLE2_ROWS: tuple[tuple[str, str, str], ...] = (
 
 TABLE2_METRICS = ("train_time", "sample_time", "train_peak_memory", "sample_peak_memory")
 
-# Table 2 shows training time per batch and sampling time per sample.
-_TABLE2_PER = {"train_time": "batch", "sample_time": "sample"}
+PAPER_TABLE3_LABEL = "Keller et al. (2020), NVIDIA GeForce 1080 Ti GPU, Intel Xeon E5-2630 v3"
+
+# (model, method, row label) of Table 3, in the display order of Keller et al.
+TABLE3_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("fc2", "exact", "Exact FC 2-Layer"),
+    ("fc2", "relative", "Relative Grad. FC 2-Layer"),
+    ("fc2", "snf", "Self Normalizing FC 2-Layer"),
+    ("conv9", "exact", "Exact Conv. 9-Layer"),
+    ("conv9", "emerging", "Emerging Conv. 9-Layer"),
+    ("conv9", "convexp", "Conv. Exponential 9-Layer"),
+    ("conv9", "snf", "Self Normalizing Conv. 9-Layer"),
+    ("glow", "exact", "Glow-like 32-Layer"),
+    ("glow", "snf", "Self Normalizing Glow-like 32-Layer"),
+)
+
+# Table 3 of Keller et al. (2020), "Self Normalizing Flows": (model, method, time per batch mean
+# and std, time per sample mean and std) in ms, as printed (strings keep the printed precision).
+PAPER_TABLE3: tuple[tuple[str, str, str, str, str, str], ...] = (
+    ("fc2", "exact", "44.9", "4.4", "61.5", "5.8"),
+    ("fc2", "relative", "7.0", "0.4", "69.2", "5.6"),
+    ("fc2", "snf", "18.7", "0.8", "38.6", "3.1"),
+    ("conv9", "exact", "372.2", "24.5", "241.6", "12.9"),
+    ("conv9", "emerging", "305.0", "14.5", "71.7", "8.8"),
+    ("conv9", "convexp", "304.4", "11.9", "84.2", "9.2"),
+    ("conv9", "snf", "212.5", "37.3", "29.9", "6.3"),
+    ("glow", "exact", "583.4", "21.2", "163.1", "21.8"),
+    ("glow", "snf", "476.4", "16.7", "30.6", "2.2"),
+)
+
+# A link to the hand-written profile of one conv 9-layer training step in reports/. The link is
+# relative, so it resolves only where table3.md is written to reports/, the default folder.
+TABLE3_PROFILE_LINE = (
+    "Profile of the conv 9-layer training step (2-core AMD EPYC CPU, 1 thread): "
+    "[table3-profile.md](table3-profile.md)"
+)
+
+# Tables 2 and 3 show training time per batch and sampling time per sample.
+_TABLE_PER = {"train_time": "batch", "sample_time": "sample"}
 
 FIGURE3_MODELS: tuple[tuple[str, str], ...] = (("fc", "Fully connected"), ("conv", "3x3 conv"))
 FIGURE3_METHODS: tuple[tuple[str, str], ...] = (("snf", "SNF"), ("exact", "Exact"))
@@ -84,8 +120,8 @@ def write_reports(records: Sequence[dict], out_dir: Path) -> list[Path]:
 
     Arguments:
         records: result records, as read from the result files.
-        out_dir: folder for ``table2.md``, ``figure3.md``, ``figure3.png`` and ``figure3.svg``;
-            created when missing.
+        out_dir: folder for ``table2.md``, ``table3.md``, ``figure3.md``, ``figure3.png`` and
+            ``figure3.svg``; created when missing.
 
     Returns:
         The written paths, empty when no record belongs to a report.
@@ -97,6 +133,12 @@ def write_reports(records: Sequence[dict], out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "table2.md"
         path.write_text(table2_markdown(records), encoding="utf-8")
+        written.append(path)
+
+    if table3_records(records):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "table3.md"
+        path.write_text(table3_markdown(records), encoding="utf-8")
         written.append(path)
 
     if figure3_records(records):
@@ -382,7 +424,7 @@ def table2_markdown(records: Sequence[dict]) -> str:
 
     selected, repeated = latest_records(selected)
     notes = [_repeat_note(repeated)] if repeated else []
-    selected, ignored = _drop_wrong_per(selected)
+    selected, ignored = _drop_wrong_per(selected, "Table 2")
     notes.extend(ignored)
 
     lines = [
@@ -395,7 +437,7 @@ def table2_markdown(records: Sequence[dict]) -> str:
     ]
     groups = _group_by(selected, _group_key)
     for (label, device), group in sorted(groups.items()):
-        cells, conflicts = _table2_cells(group)
+        cells, conflicts = _table_cells(group)
         if conflicts:
             notes.append(
                 f"{label}, {device}: {_count(conflicts, 'table cell')} had records of more than "
@@ -444,22 +486,22 @@ def paper_table2_frame() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _drop_wrong_per(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
+def _drop_wrong_per(records: Sequence[dict], table: str) -> tuple[list[dict], list[str]]:
     kept, notes = [], []
     for record in records:
-        expected = _TABLE2_PER.get(record["metric"])
+        expected = _TABLE_PER.get(record["metric"])
         per = record.get("per")
         if expected is not None and per != expected:
             notes.append(
                 f"Left out a {record['metric']} record of {_case_text(record)} measured per "
-                f"{per!r}, because Table 2 shows it per {expected}."
+                f"{per!r}, because {table} shows it per {expected}."
             )
             continue
         kept.append(record)
     return kept, notes
 
 
-def _table2_cells(group: Sequence[dict]) -> tuple[dict[tuple[str, str, str], Measurement], int]:
+def _table_cells(group: Sequence[dict]) -> tuple[dict[tuple[str, str, str], Measurement], int]:
     """Map (model, method, metric) to its measurement, keeping the latest of any conflict."""
 
     def cell_key(record: dict) -> tuple[str, str, str]:
@@ -472,11 +514,7 @@ def _table2_cells(group: Sequence[dict]) -> tuple[dict[tuple[str, str, str], Mea
 
 
 def _table2_frame(cells: dict[tuple[str, str, str], Measurement]) -> pd.DataFrame:
-    memory_metrics = [
-        metric
-        for metric in ("train_peak_memory", "sample_peak_memory")
-        if any(key[2] == metric for key in cells)
-    ]
+    memory_metrics = _memory_metrics(cells)
     rows = []
 
     for model, method, label in TABLE2_ROWS:
@@ -497,25 +535,45 @@ def _table2_frame(cells: dict[tuple[str, str, str], Measurement]) -> pd.DataFram
             row["Train speed-up"] = format_ratio(_speedup(cells, model, "train_time"))
             row["Sample speed-up"] = format_ratio(_speedup(cells, model, "sample_time"))
 
-        for metric in memory_metrics:
-            column = "Train peak MiB" if metric == "train_peak_memory" else "Sample peak MiB"
-            peak = row_cells[metric]
-            row[column] = _MISSING if peak is None else format_value(peak.mean)
-
+        row.update(_memory_columns(row_cells, memory_metrics))
         row["Flags"] = _noisy_flag(row_cells)
         rows.append(row)
 
     return pd.DataFrame(rows)
 
 
+def _memory_metrics(cells: dict[tuple[str, str, str], Measurement]) -> list[str]:
+    """List the peak memory metrics that any cell has, so that a table shows only those."""
+    return [
+        metric
+        for metric in ("train_peak_memory", "sample_peak_memory")
+        if any(key[2] == metric for key in cells)
+    ]
+
+
+def _memory_columns(
+    row_cells: dict[str, Measurement | None], memory_metrics: Sequence[str]
+) -> dict[str, str]:
+    columns = {}
+    for metric in memory_metrics:
+        column = "Train peak MiB" if metric == "train_peak_memory" else "Sample peak MiB"
+        peak = row_cells[metric]
+        columns[column] = _MISSING if peak is None else format_value(peak.mean)
+    return columns
+
+
 def _speedup(
-    cells: dict[tuple[str, str, str], Measurement], model: str, metric: str
+    cells: dict[tuple[str, str, str], Measurement],
+    model: str,
+    metric: str,
+    baseline: str = "exact",
 ) -> float | None:
-    exact = cells.get((model, "exact", metric))
+    """Return the SNF speed-up over a baseline of the same model: baseline mean / SNF mean."""
+    reference = cells.get((model, baseline, metric))
     snf = cells.get((model, "snf", metric))
-    if exact is None or snf is None:
+    if reference is None or snf is None:
         return None
-    return _ratio(exact.mean, snf.mean)
+    return _ratio(reference.mean, snf.mean)
 
 
 def linear_multiple(cells: dict[tuple[str, str, str], Measurement]) -> float | None:
@@ -568,6 +626,219 @@ def _noisy_flag(row_cells: dict[str, Measurement | None]) -> str:
         if value is not None and value.cv is not None and value.cv > NOISY_CV
     ]
     return f"noisy ({', '.join(noisy)})" if noisy else ""
+
+
+# Table 3
+
+
+def table3_records(records: Iterable[dict]) -> list[dict]:
+    """Select the records that Table 3 can show: preset ``table3``, known rows and metrics."""
+    rows = {(model, method) for model, method, _ in TABLE3_ROWS}
+    return [
+        record
+        for record in records
+        if record["preset"] == "table3"
+        and record["metric"] in TABLE2_METRICS
+        and (record["case"].get("model"), record["case"].get("method")) in rows
+    ]
+
+
+def table3_markdown(records: Sequence[dict]) -> str:
+    """Render Table 3: whole flows on MNIST, one table per machine and device.
+
+    Each table gives training ms/batch and sampling ms/sample as mean ± std, n, peak memory
+    when measured, and on each baseline row the SNF speed-up over that row (row mean / SNF mean
+    of the same family). The published numbers follow, then an Ordering section that compares,
+    per family, whether SNF is faster here and in Keller et al. (2020).
+
+    Raises:
+        ValueError: when no record belongs to Table 3.
+    """
+    validate_records(records)
+    selected = table3_records(records)
+    if not selected:
+        raise ValueError(
+            "no result records for Table 3: expected preset 'table3' with metrics "
+            f"{list(TABLE2_METRICS)} for models fc2, conv9 and glow. Run the table3 sweep first."
+        )
+
+    selected, repeated = latest_records(selected)
+    notes = [_repeat_note(repeated)] if repeated else []
+    selected, ignored = _drop_wrong_per(selected, "Table 3")
+    notes.extend(ignored)
+
+    lines = [
+        "# Table 3: whole-flow time on MNIST",
+        "",
+        "Training time per batch and sampling time per sample in ms, mean ± std. On each "
+        "baseline row, the SNF speed-up columns give that row's mean divided by the mean of the "
+        "Self Normalizing flow of the same family, so a value above 1× means that SNF is faster "
+        f"than the row. Rows whose coefficient of variation exceeds {NOISY_CV} are flagged as "
+        "noisy.",
+        "",
+    ]
+    group_cells = []
+    groups = _group_by(selected, _group_key)
+    for (label, device), group in sorted(groups.items()):
+        cells, conflicts = _table_cells(group)
+        group_cells.append((f"{label}, {device}", cells))
+        if conflicts:
+            notes.append(
+                f"{label}, {device}: {_count(conflicts, 'table cell')} had records of more than "
+                "one case (for example another shape or thread count). Each shows its latest "
+                "record."
+            )
+
+        lines += [f"## {label}, {device}", ""]
+        lines += _setup_lines(group)
+        lines += ["", markdown_table(_table3_frame(cells), text_columns=["Flags"]), ""]
+
+    lines += [f"## {PAPER_TABLE3_LABEL}", ""]
+    lines += ["Times from Table 3 of Keller et al.; its log-likelihood columns are left out.", ""]
+    lines += [markdown_table(paper_table3_frame()), ""]
+    lines += _ordering_section(group_cells)
+    lines += [TABLE3_PROFILE_LINE, ""]
+    lines += _notes_section(notes)
+
+    return "\n".join(lines)
+
+
+def paper_table3_cells() -> dict[tuple[str, str, str], Measurement]:
+    """Return the published Table 3 means and stds as cells keyed by (model, method, metric)."""
+    cells = {}
+    for model, method, train_mean, train_std, sample_mean, sample_std in PAPER_TABLE3:
+        for metric, mean, std in (
+            ("train_time", train_mean, train_std),
+            ("sample_time", sample_mean, sample_std),
+        ):
+            cells[(model, method, metric)] = Measurement(
+                mean=float(mean), std=float(std), median=None, q1=None, q3=None, n=None, cv=None
+            )
+    return cells
+
+
+def paper_table3_frame() -> pd.DataFrame:
+    """Return the published Table 3 times with the SNF speed-ups that its means imply."""
+    cells = paper_table3_cells()
+    labels = {(model, method): label for model, method, label in TABLE3_ROWS}
+    rows = []
+
+    for model, method, train_mean, train_std, sample_mean, sample_std in PAPER_TABLE3:
+        rows.append(
+            {
+                "Model": labels[(model, method)],
+                "Train ms/batch": f"{train_mean} ± {train_std}",
+                "Sample ms/sample": f"{sample_mean} ± {sample_std}",
+                **_speedup_columns(cells, model, method),
+            }
+        )
+
+    return pd.DataFrame(rows)
+
+
+def _table3_frame(cells: dict[tuple[str, str, str], Measurement]) -> pd.DataFrame:
+    memory_metrics = _memory_metrics(cells)
+    rows = []
+
+    for model, method, label in TABLE3_ROWS:
+        row_cells = {metric: cells.get((model, method, metric)) for metric in TABLE2_METRICS}
+        if not any(row_cells.values()):
+            continue
+
+        train, sample = row_cells["train_time"], row_cells["sample_time"]
+        row = {
+            "Model": label,
+            "Train ms/batch": _mean_std_text(train),
+            "Sample ms/sample": _mean_std_text(sample),
+            "n (train / sample)": f"{_n_text(train)} / {_n_text(sample)}",
+            **_speedup_columns(cells, model, method),
+        }
+
+        row.update(_memory_columns(row_cells, memory_metrics))
+        row["Flags"] = _noisy_flag(row_cells)
+        rows.append(row)
+
+    return pd.DataFrame(rows)
+
+
+def _speedup_columns(
+    cells: dict[tuple[str, str, str], Measurement], model: str, method: str
+) -> dict[str, str]:
+    """Return the SNF speed-up over a baseline row, and dashes for the SNF row itself."""
+    if method == "snf":
+        return {"SNF train speed-up": _MISSING, "SNF sample speed-up": _MISSING}
+    return {
+        "SNF train speed-up": format_ratio(_speedup(cells, model, "train_time", method)),
+        "SNF sample speed-up": format_ratio(_speedup(cells, model, "sample_time", method)),
+    }
+
+
+def _ordering_comparisons() -> list[tuple[str, str, str]]:
+    """List (model, baseline, metric) in display order.
+
+    SNF training is compared with every baseline of its family, and SNF sampling with the exact
+    flow of its family only.
+    """
+    comparisons = []
+    for model, method, _ in TABLE3_ROWS:
+        if method != "snf":
+            comparisons.append((model, method, "train_time"))
+        else:
+            comparisons.append((model, "exact", "sample_time"))
+    return comparisons
+
+
+def _ordering_cell(ratio: float | None) -> str:
+    if ratio is None:
+        return _MISSING
+    return f"{'yes' if ratio > 1 else 'no'} ({format_ratio(ratio)})"
+
+
+def _ordering_section(
+    group_cells: Sequence[tuple[str, dict[tuple[str, str, str], Measurement]]],
+) -> list[str]:
+    """Render whether SNF is faster than each baseline, here and in Keller et al. (2020).
+
+    A difference is listed where both speed-ups are known and only one of them exceeds 1×.
+    """
+    labels = {(model, method): label for model, method, label in TABLE3_ROWS}
+    paper = paper_table3_cells()
+    rows, differences = [], []
+
+    for model, baseline, metric in _ordering_comparisons():
+        verb = "trains" if metric == "train_time" else "samples"
+        claim = f"{labels[(model, 'snf')]} {verb} faster than {labels[(model, baseline)]}"
+        paper_ratio = _speedup(paper, model, metric, baseline)
+        row = {"Comparison": claim}
+
+        for group, cells in group_cells:
+            ratio = _speedup(cells, model, metric, baseline)
+            row[group] = _ordering_cell(ratio)
+            if ratio is not None and (ratio > 1) != (paper_ratio > 1):
+                differences.append(
+                    f"- {group}: {claim}? {_ordering_cell(ratio)} here, "
+                    f"{_ordering_cell(paper_ratio)} in Keller et al. (2020)."
+                )
+
+        row["Keller et al. (2020)"] = _ordering_cell(paper_ratio)
+        rows.append(row)
+
+    lines = [
+        "## Ordering",
+        "",
+        "Whether the Self Normalizing flow is faster than each baseline of its family, with the "
+        "speed-up (baseline mean / SNF mean). Keller et al. timed on an NVIDIA GeForce 1080 Ti "
+        "GPU, so an ordering measured on another device can differ for reasons of hardware "
+        "alone.",
+        "",
+        markdown_table(pd.DataFrame(rows), text_columns=list(rows[0])),
+        "",
+    ]
+    if differences:
+        lines += ["Where the ordering differs from the published one:", "", *differences, ""]
+    else:
+        lines += ["Every measured comparison has the published ordering.", ""]
+    return lines
 
 
 # Figure 3

@@ -1,4 +1,4 @@
-"""Tests of the Table 2 and Figure 3 reports, fed with fixed fake measurements."""
+"""Tests of the Table 2, Table 3 and Figure 3 reports, fed with fixed fake measurements."""
 
 from __future__ import annotations
 
@@ -92,6 +92,28 @@ def table2_set(linear_mean: float = 4.0) -> list[dict]:
         make_record("table2", "conv", "snf", "train_time", 6.4, 0.1),
         make_record("table2", "conv", "snf", "sample_time", 1.0, 0.05, n=60),
     ]
+
+
+def table3_set() -> list[dict]:
+    """Make Table 3 records: SNF conv 9-layer trains slower than emerging, unlike Keller et al."""
+    times = {
+        ("fc2", "exact"): (45.0, 2.0, 60.0, 3.0),
+        ("fc2", "relative"): (7.0, 0.5, 70.0, 3.0),
+        ("fc2", "snf"): (18.0, 0.5, 40.0, 2.0),
+        ("conv9", "exact"): (360.0, 10.0, 240.0, 10.0),
+        ("conv9", "emerging"): (120.0, 3.0, 72.0, 2.0),
+        ("conv9", "convexp"): (300.0, 9.0, 84.0, 2.0),
+        ("conv9", "snf"): (150.0, 4.0, 30.0, 1.0),
+        ("glow", "exact"): (600.0, 20.0, 160.0, 5.0),
+        ("glow", "snf"): (480.0, 10.0, 32.0, 1.0),
+    }
+    records = []
+    for (model, method), (train, train_std, sample, sample_std) in times.items():
+        records.append(make_record("table3", model, method, "train_time", train, train_std))
+        records.append(
+            make_record("table3", model, method, "sample_time", sample, sample_std, n=60)
+        )
+    return records
 
 
 def table_row(markdown: str, label: str) -> list[str]:
@@ -337,6 +359,199 @@ def test_table2_without_records_raises() -> None:
         report.table2_markdown(figure3_set())
 
 
+# Table 3
+
+
+def test_table3_mean_std_strings() -> None:
+    markdown = report.table3_markdown(table3_set())
+
+    relative = table_row(markdown, "Relative Grad. FC 2-Layer")
+    snf_conv = table_row(markdown, "Self Normalizing Conv. 9-Layer")
+    exact_glow = table_row(markdown, "Glow-like 32-Layer")
+    assert relative[1] == "7.00 ± 0.50"
+    assert relative[2] == "70.0 ± 3.0"
+    assert snf_conv[1] == "150 ± 4"
+    assert snf_conv[2] == "30.0 ± 1.0"
+    assert snf_conv[3] == "50 / 60"
+    assert exact_glow[1] == "600 ± 20"
+
+
+def test_table3_rows_in_paper_order() -> None:
+    markdown = report.table3_markdown(table3_set())
+    ours = markdown.split(f"## {report.PAPER_TABLE3_LABEL}")[0]
+
+    labels = [label for _, _, label in report.TABLE3_ROWS]
+    positions = [ours.index(f"| {label} |") for label in labels]
+    assert positions == sorted(positions)
+
+
+def test_table3_speedups_on_baseline_rows() -> None:
+    markdown = report.table3_markdown(table3_set())
+    header = table_header(markdown)
+    train_column = header.index("SNF train speed-up")
+    sample_column = header.index("SNF sample speed-up")
+
+    exact_fc = table_row(markdown, "Exact FC 2-Layer")
+    relative = table_row(markdown, "Relative Grad. FC 2-Layer")
+    emerging = table_row(markdown, "Emerging Conv. 9-Layer")
+    convexp = table_row(markdown, "Conv. Exponential 9-Layer")
+    exact_glow = table_row(markdown, "Glow-like 32-Layer")
+    snf_conv = table_row(markdown, "Self Normalizing Conv. 9-Layer")
+    assert exact_fc[train_column] == "2.50×"
+    assert exact_fc[sample_column] == "1.50×"
+    assert relative[train_column] == "0.389×"
+    assert relative[sample_column] == "1.75×"
+    assert emerging[train_column] == "0.800×"
+    assert emerging[sample_column] == "2.40×"
+    assert convexp[train_column] == "2.00×"
+    assert exact_glow[train_column] == "1.25×"
+    assert exact_glow[sample_column] == "5.00×"
+    assert snf_conv[train_column] == "–"
+    assert snf_conv[sample_column] == "–"
+
+
+def test_table3_paper_numbers_labeled() -> None:
+    markdown = report.table3_markdown(table3_set())
+    paper = markdown.split(
+        "## Keller et al. (2020), NVIDIA GeForce 1080 Ti GPU, Intel Xeon E5-2630 v3"
+    )[1]
+    paper = paper.split("## Ordering")[0]
+
+    assert table_row(paper, "Exact FC 2-Layer")[1:5] == [
+        "44.9 ± 4.4",
+        "61.5 ± 5.8",
+        "2.40×",
+        "1.59×",
+    ]
+    assert table_row(paper, "Relative Grad. FC 2-Layer")[1:4] == [
+        "7.0 ± 0.4",
+        "69.2 ± 5.6",
+        "0.374×",
+    ]
+    assert table_row(paper, "Emerging Conv. 9-Layer")[1:5] == [
+        "305.0 ± 14.5",
+        "71.7 ± 8.8",
+        "1.44×",
+        "2.40×",
+    ]
+    assert table_row(paper, "Conv. Exponential 9-Layer")[1:3] == ["304.4 ± 11.9", "84.2 ± 9.2"]
+    assert table_row(paper, "Self Normalizing Conv. 9-Layer")[1:3] == [
+        "212.5 ± 37.3",
+        "29.9 ± 6.3",
+    ]
+    assert table_row(paper, "Glow-like 32-Layer")[1:5] == [
+        "583.4 ± 21.2",
+        "163.1 ± 21.8",
+        "1.22×",
+        "5.33×",
+    ]
+    assert table_row(paper, "Self Normalizing Glow-like 32-Layer")[1:3] == [
+        "476.4 ± 16.7",
+        "30.6 ± 2.2",
+    ]
+
+
+def test_table3_ordering_table() -> None:
+    markdown = report.table3_markdown(table3_set())
+    ordering = markdown.split("## Ordering")[1]
+    snf_conv = "Self Normalizing Conv. 9-Layer"
+
+    assert "| Comparison | cpu-test-2c, cpu | Keller et al. (2020) |" in ordering
+    relative = table_row(
+        ordering, "Self Normalizing FC 2-Layer trains faster than Relative Grad. FC 2-Layer"
+    )
+    emerging = table_row(ordering, f"{snf_conv} trains faster than Emerging Conv. 9-Layer")
+    sampling = table_row(ordering, f"{snf_conv} samples faster than Exact Conv. 9-Layer")
+    assert relative[1:] == ["no (0.389×)", "no (0.374×)"]
+    assert emerging[1:] == ["no (0.800×)", "yes (1.44×)"]
+    assert sampling[1:] == ["yes (8.00×)", "yes (8.08×)"]
+
+
+def test_table3_ordering_lists_differences() -> None:
+    markdown = report.table3_markdown(table3_set())
+
+    assert "Where the ordering differs from the published one:" in markdown
+    assert (
+        "- cpu-test-2c, cpu: Self Normalizing Conv. 9-Layer trains faster than Emerging Conv. "
+        "9-Layer? no (0.800×) here, yes (1.44×) in Keller et al. (2020)."
+    ) in markdown
+    assert markdown.count("in Keller et al. (2020).") == 1
+
+
+def test_table3_ordering_agrees() -> None:
+    records = table3_set()
+    records[8] = make_record("table3", "conv9", "emerging", "train_time", 200.0, 3.0)
+
+    markdown = report.table3_markdown(records)
+
+    assert "Every measured comparison has the published ordering." in markdown
+    assert "differs from the published one" not in markdown
+
+
+def test_table3_missing_family_dashes() -> None:
+    records = [r for r in table3_set() if r["case"]["model"] != "glow"]
+
+    markdown = report.table3_markdown(records)
+    ordering = markdown.split("## Ordering")[1]
+    claim = "Self Normalizing Glow-like 32-Layer trains faster than Glow-like 32-Layer"
+
+    assert table_row(ordering, claim)[1:] == ["–", "yes (1.22×)"]
+    assert "| Glow-like 32-Layer | 583.4" in markdown
+    assert "| Glow-like 32-Layer | 600" not in markdown
+
+
+def test_table3_one_ordering_column_per_machine() -> None:
+    other = dict(MACHINE, label="gpu-test", gpu="Test GPU")
+    records = table3_set()
+    for record in table3_set():
+        record["machine"] = dict(other)
+        records.append(record)
+
+    markdown = report.table3_markdown(records)
+
+    assert "## cpu-test-2c, cpu" in markdown
+    assert "## gpu-test, cpu" in markdown
+    assert "| Comparison | cpu-test-2c, cpu | gpu-test, cpu | Keller et al. (2020) |" in markdown
+    assert "- gpu-test, cpu: Self Normalizing Conv. 9-Layer trains faster" in markdown
+
+
+def test_table3_links_profile() -> None:
+    markdown = report.table3_markdown(table3_set())
+
+    assert (
+        "Profile of the conv 9-layer training step (2-core AMD EPYC CPU, 1 thread): "
+        "[table3-profile.md](table3-profile.md)"
+    ) in markdown
+
+
+def test_table3_memory_columns_only_when_measured() -> None:
+    records = table3_set() + [
+        make_record("table3", "conv9", "snf", "train_peak_memory", 250.0, 0.0)
+    ]
+
+    markdown = report.table3_markdown(records)
+
+    assert "Train peak MiB" not in table_header(report.table3_markdown(table3_set()))
+    column = table_header(markdown).index("Train peak MiB")
+    assert table_row(markdown, "Self Normalizing Conv. 9-Layer")[column] == "250"
+    assert table_row(markdown, "Exact Conv. 9-Layer")[column] == "–"
+
+
+def test_table3_leaves_out_wrong_per() -> None:
+    records = table3_set()
+    records[13] = make_record("table3", "conv9", "snf", "sample_time", 3000.0, 5.0, per="batch")
+
+    markdown = report.table3_markdown(records)
+
+    assert table_row(markdown, "Self Normalizing Conv. 9-Layer")[2] == "–"
+    assert "measured per 'batch', because Table 3 shows it per sample" in markdown
+
+
+def test_table3_without_records_raises() -> None:
+    with pytest.raises(ValueError, match="no result records for Table 3"):
+        report.table3_markdown(table2_set())
+
+
 # Records
 
 
@@ -542,6 +757,7 @@ def test_write_reports_all(tmp_path: Path) -> None:
 
     names = sorted(path.name for path in paths)
     assert names == ["figure3.md", "figure3.png", "figure3.svg", "table2.md"]
+    assert not (out_dir / "table3.md").exists()
     for path in paths:
         assert path.stat().st_size > 0, path
 
@@ -551,6 +767,14 @@ def test_write_reports_table2_only(tmp_path: Path) -> None:
 
     assert paths == [tmp_path / "table2.md"]
     assert not (tmp_path / "figure3.png").exists()
+    assert not (tmp_path / "table3.md").exists()
+
+
+def test_write_reports_table3(tmp_path: Path) -> None:
+    paths = report.write_reports(table2_set() + table3_set(), tmp_path)
+
+    assert paths == [tmp_path / "table2.md", tmp_path / "table3.md"]
+    assert paths[1].read_text(encoding="utf-8").startswith("# Table 3: whole-flow time on MNIST")
 
 
 def test_write_reports_nothing_reportable(tmp_path: Path) -> None:
