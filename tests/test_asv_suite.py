@@ -1,0 +1,176 @@
+import importlib.util
+import inspect
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import bench_correctness, bench_layers
+from bench.cases import Case
+from bench.sweep import SweepSettings, select_cases
+from snf_core import Flow, SelfNormalizingLinear
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BENCHMARK_PREFIXES = ("time_", "peakmem_", "track_")
+
+
+def asv_classes() -> list[type]:
+    """Return the classes of bench_layers that asv collects: public, with benchmarks."""
+
+    return [
+        cls
+        for name, cls in inspect.getmembers(bench_layers, inspect.isclass)
+        if not name.startswith("_")
+        and any(attr.startswith(BENCHMARK_PREFIXES) for attr in dir(cls))
+    ]
+
+
+def sweep_cases() -> set[Case]:
+    """Return the cases of the sweep CLI's presets that the asv suite mirrors."""
+
+    cases = set()
+
+    for device in bench_layers.DEVICES:
+        table2 = SweepSettings("table2", Path("unused"), device=device)
+        figure3 = SweepSettings(
+            "figure3", Path("unused"), device=device, dims=bench_layers.FIGURE3_DIMS
+        )
+        cases.update(select_cases(table2))
+        cases.update(select_cases(figure3))
+
+    return cases
+
+
+def asv_cases(cls: type) -> list[Case]:
+    """Return the case of each asv parameter set of a class, in asv's order."""
+
+    return [bench_layers.CASES[(cls.model, *params)] for params in itertools.product(*cls.params)]
+
+
+def test_asv_classes_found() -> None:
+    names = {cls.__name__ for cls in asv_classes()}
+
+    assert names == {
+        "FCTrain",
+        "ConvTrain",
+        "FCSample",
+        "ConvSample",
+        "FCCUDAMemory",
+        "ConvCUDAMemory",
+    }
+
+
+def test_asv_param_names_match_params() -> None:
+    for cls in asv_classes():
+        assert len(cls.param_names) == len(cls.params), cls.__name__
+
+
+def test_asv_params_are_sweep_cases() -> None:
+    expected = sweep_cases()
+
+    for cls in asv_classes():
+        cases = asv_cases(cls)
+
+        assert set(cases) <= expected, cls.__name__
+        assert all(case.model == cls.model for case in cases), cls.__name__
+
+
+def test_every_sweep_case_has_asv_params() -> None:
+    expected = sweep_cases()
+    trained = set(asv_cases(bench_layers.FCTrain) + asv_cases(bench_layers.ConvTrain))
+    sampled = set(asv_cases(bench_layers.FCSample) + asv_cases(bench_layers.ConvSample))
+    gpu = set(asv_cases(bench_layers.FCCUDAMemory) + asv_cases(bench_layers.ConvCUDAMemory))
+
+    assert trained == expected
+    assert sampled == expected
+    assert gpu == {case for case in expected if case.device == "cuda"}
+
+
+def test_asv_suite_has_both_presets() -> None:
+    sizes = set(bench_layers.FCTrain.params[0]) | set(bench_layers.ConvTrain.params[0])
+
+    assert "table2-784" in sizes
+    assert {f"figure3-{dim}" for dim in bench_layers.FIGURE3_DIMS} <= sizes
+
+
+def test_asv_linear_sample_skips() -> None:
+    with pytest.raises(NotImplementedError, match="no sampling benchmark"):
+        bench_layers.FCSample().setup("figure3-128", "linear", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_asv_cuda_skips_without_gpu() -> None:
+    with pytest.raises(NotImplementedError, match="CUDA is not available"):
+        bench_layers.FCTrain().setup("figure3-128", "snf", "cuda")
+
+
+def test_asv_train_step_runs() -> None:
+    benchmark = bench_layers.FCTrain()
+    benchmark.setup("figure3-128", "snf", "cpu")
+
+    benchmark.time_train_batch("figure3-128", "snf", "cpu")
+
+    # One warm-up step in setup, then the timed one.
+    assert next(benchmark.steps) == 2
+
+
+def test_asv_sample_runs() -> None:
+    benchmark = bench_layers.ConvSample()
+    benchmark.setup("figure3-128", "exact", "cpu")
+
+    assert benchmark.time_sample("figure3-128", "exact", "cpu") is None
+
+
+def test_gap_zero_at_exact_inverse() -> None:
+    flow = Flow([SelfNormalizingLinear(16)], (16,))
+    layer = flow.layers[0]
+    x = torch.randn(32, 16)
+
+    with torch.no_grad():
+        layer.inverse_weight.copy_(torch.linalg.inv(layer.weight))
+
+    assert bench_correctness.logdet_gradient_gap(flow, x) < 1e-5
+    assert bench_correctness.reconstruction_error(flow, x) < 1e-4
+    assert flow.reconstruction_weight == 1.0
+
+
+def test_gap_at_doubled_inverse() -> None:
+    flow = Flow([SelfNormalizingLinear(16)], (16,))
+    layer = flow.layers[0]
+    x = torch.randn(32, 16)
+
+    with torch.no_grad():
+        layer.inverse_weight.copy_(2.0 * torch.linalg.inv(layer.weight))
+
+    # R^T = 2 W^-T, so the gap is |2 W^-T - W^-T| / |W^-T| = 1, and R W x - x = x.
+    gap = bench_correctness.logdet_gradient_gap(flow, x)
+    error = bench_correctness.reconstruction_error(flow, x)
+
+    assert gap == pytest.approx(1.0, rel=1e-4)
+    assert error == pytest.approx(x.norm(dim=1).mean().item(), rel=1e-4)
+
+
+def test_correctness_case_is_table2() -> None:
+    case = bench_correctness.snf_fc_case()
+
+    assert (case.model, case.method, case.dim) == ("fc", "snf", 784)
+
+
+def test_asv_check_passes() -> None:
+    if importlib.util.find_spec("asv") is None:
+        pytest.skip("asv is not installed; pip install -e '.[test]' to run this test")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "asv", "check", "--python=same"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No problems found" in result.stdout
