@@ -426,7 +426,9 @@ def _report(args: argparse.Namespace) -> int:
         ) from None
 
     if not paths:
-        raise UsageError("the result records hold no table2, table3 or figure3 measurements to report")
+        raise UsageError(
+            "the result records hold no table2, table3 or figure3 measurements to report"
+        )
 
     for path in paths:
         print(path)
