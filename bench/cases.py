@@ -23,7 +23,7 @@ from snf_core import (
     dequantize,
     models,
 )
-from snf_core.data import MNIST_SHAPE, gaussian_inputs, load_mnist
+from snf_core.data import MNIST_SHAPE, DataError, gaussian_inputs, load_mnist
 
 # The training methods of each model: single layers (fc, conv) for Table 2 and Figure 3,
 # whole flows (fc2, conv9, glow) for Table 3.
@@ -220,6 +220,13 @@ def load_batches(
         inputs, _ = LogitTransform()(dequantize(images.double(), generator))
         inputs = inputs.to(dtype).reshape(-1, *case.shape)
         batches = inputs.shape[0] // case.batch_size
+
+        if batches == 0:
+            raise DataError(
+                f"MNIST has {inputs.shape[0]} images, fewer than one batch of "
+                f"{case.batch_size}; use a complete MNIST folder"
+            )
+
         count = min(count or batches, batches)
 
     inputs = inputs[: count * case.batch_size].to(case.device)

@@ -227,10 +227,21 @@ def run_sweep(settings: SweepSettings, progress: Progress = print) -> Path:
     path = settings.results / f"{settings.preset}-{machine['label']}.jsonl"
     done = set()
 
-    if path.exists() and not settings.force:
-        done = {case_key(record) for record in read_records(path)}
+    # Read the file even with --force: a corrupt line must stop the sweep before it appends
+    # to a file that no report could read.
+    if path.exists():
+        records = read_records(path)
+
+        if not settings.force:
+            done = {case_key(record) for record in records}
 
     cases = shard_cases(select_cases(settings), settings.shard)
+
+    if not cases:
+        raise ValueError(
+            f"no {settings.preset} case matches the options (--dims, --max-dim, --models, "
+            f"--methods, --shard); widen them"
+        )
     shard = None
     shard_text = ""
 

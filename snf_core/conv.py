@@ -94,10 +94,15 @@ class _ConvFlow(nn.Module):
         return conv_matrix(self.weight, shape, self.padding)
 
     def logabsdet(self, shape: torch.Size) -> Tensor:
-        """Return the exact :math:`\\log |\\det T(w)|`, cached per weight version and shape.
+        """Return the exact :math:`\\log |\\det T(w)|`.
 
-        The cached value carries no gradient.
+        While autograd records a kernel that requires grad, slogdet of the dense matrix runs
+        inside the graph at :math:`O(D^3)`, so that differentiating :meth:`Flow.log_prob`
+        gives the exact gradient. Otherwise the value is cached per weight version and shape.
         """
+
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return torch.linalg.slogdet(self.weight_matrix(shape))[1]
 
         def compute(weight: Tensor) -> Tensor:
             return torch.linalg.slogdet(conv_matrix(weight, shape, self.padding))[1]
@@ -137,12 +142,6 @@ class ExactConv2d(_ConvFlow):
 
     def __init__(self, channels: int, kernel_size: int = 3) -> None:
         super().__init__(channels, kernel_size)
-
-    def logabsdet(self, shape: torch.Size) -> Tensor:
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            return torch.linalg.slogdet(self.weight_matrix(shape))[1]
-
-        return super().logabsdet(shape)
 
     def inverse(self, z: Tensor) -> Tensor:
         return self.inverse_exact(z)

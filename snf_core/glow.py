@@ -183,12 +183,13 @@ class SelfNormalizingConv1x1(SelfNormalizingConv2d):
             self.inverse_weight.copy_(flip_kernel(self.weight))
 
     def logabsdet(self, shape: torch.Size) -> Tensor:
-        """Return :math:`H W \\log |\\det W|`, cached per weight version and shape.
-
-        The cached value carries no gradient.
-        """
+        """Return :math:`H W \\log |\\det W|`: inside the autograd graph while autograd
+        records a weight that requires grad, else cached per weight version and shape."""
 
         height, width = shape[1], shape[2]
+
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return _kernel_logabsdet(self.weight, height, width)
 
         def compute(weight: Tensor) -> Tensor:
             return _kernel_logabsdet(weight, height, width)

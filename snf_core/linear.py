@@ -39,10 +39,15 @@ class _LinearFlow(nn.Module):
         self._logabsdet = WeightCache()
 
     def logabsdet(self) -> Tensor:
-        """Return the exact :math:`\\log |\\det W|`, cached per weight version.
+        """Return the exact :math:`\\log |\\det W|`.
 
-        The cached value carries no gradient.
+        While autograd records a weight that requires grad, slogdet runs inside the graph at
+        :math:`O(D^3)`, so that differentiating :meth:`Flow.log_prob` gives the exact gradient.
+        Otherwise the value is cached per weight version.
         """
+
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return torch.linalg.slogdet(self.weight)[1]
 
         return self._logabsdet.get(self.weight, lambda weight: torch.linalg.slogdet(weight)[1])
 
@@ -65,19 +70,13 @@ class _LinearFlow(nn.Module):
 class ExactLinear(_LinearFlow):
     r"""Linear flow layer trained with the exact gradient.
 
-    While autograd records, the log-abs-det is :func:`torch.linalg.slogdet` of :math:`W`
-    inside the graph, so each training step costs :math:`O(D^3)` for the factorization and
+    The log-abs-det is :func:`torch.linalg.slogdet` of :math:`W` inside the autograd graph,
+    so each training step costs :math:`O(D^3)` for the factorization and
     its backward, on top of the :math:`O(N D^2)` products. The inverse solves with :math:`W`.
 
     Arguments:
         features: The dimension :math:`D`.
     """
-
-    def logabsdet(self) -> Tensor:
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            return torch.linalg.slogdet(self.weight)[1]
-
-        return super().logabsdet()
 
     def inverse(self, z: Tensor) -> Tensor:
         return self.inverse_exact(z)

@@ -162,6 +162,7 @@ def test_table2_on_embedded_digits(tmp_path: Path, capsys: pytest.CaptureFixture
         (["sweep", "table2", "--dims", "32"], "--dims applies to preset figure3 only"),
         (["sweep", "figure3", "--label", "a b"], "a b"),
         (["sweep", "figure3", "--methods", "snf,fast"], "invalid value 'fast'"),
+        (["sweep", "figure3", "--max-dim", "1"], "no figure3 case matches the options"),
         (["report", "--results", "absent-folder"], "'absent-folder' does not exist"),
     ],
 )

@@ -62,3 +62,18 @@ def test_loss_value_leaves_out_self_normalizing_logdet() -> None:
         exact_nll = -flow.log_prob(x).mean()
 
     assert torch.isclose(flow.loss(x).detach(), exact_nll + snf_logabsdet)
+
+
+def test_log_prob_gradient_is_exact() -> None:
+    """Differentiating log_prob of a self-normalizing flow gives the exact gradient."""
+
+    layer = SelfNormalizingLinear(4).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    (-Flow([layer], (4,)).log_prob(x).mean()).backward()
+
+    weight = layer.weight.detach().clone().requires_grad_()
+    z = x @ weight.T + layer.bias.detach()
+    nll = 0.5 * z.square().sum(dim=1) - torch.linalg.slogdet(weight)[1]
+    nll.mean().backward()
+
+    assert torch.allclose(layer.weight.grad, weight.grad, atol=1e-10)
