@@ -2,4 +2,6 @@ import sys
 
 from bench.cli import main
 
-sys.exit(main())
+# asv imports every module of the benchmark folder, this one included, so run only as a script.
+if __name__ == "__main__":
+    sys.exit(main())
