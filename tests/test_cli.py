@@ -24,7 +24,17 @@ def figure3_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real figure3 sweep at D = 32 and 64, times only."""
 
     folder = tmp_path_factory.mktemp("results")
-    command = [sys.executable, "-m", "bench", "sweep", "figure3", "--dims", "32,64"]
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "sweep",
+        "figure3",
+        "--dims",
+        "32,64",
+        "--threads",
+        "1",
+    ]
     subprocess.run(
         [*command, "--results", str(folder), "--skip-memory", *FAST],
         check=True,
@@ -55,7 +65,7 @@ def test_sweep_records_machine_and_code(figure3_results: Path) -> None:
     assert record["machine"]["label"] == "test-machine"
     assert record["machine"]["cores"] >= 1
     assert record["code"]["version"] == "0.1.0"
-    assert record["case"]["threads"] == torch.get_num_threads()
+    assert record["case"]["threads"] == 1
     assert record["stats"]["n"] >= 1
 
 
@@ -95,6 +105,8 @@ def test_sweep_resumes_without_duplicates(
         "figure3",
         "--dims",
         "32,64",
+        "--threads",
+        "1",
         "--results",
         str(figure3_results),
         "--skip-memory",
@@ -213,7 +225,16 @@ def test_corrupt_results_line_keeps_file(
     before = copy.read_bytes()
 
     status, _, err = run_cli(
-        "sweep", "figure3", "--dims", "32,64", "--results", str(tmp_path), *FAST, capsys=capsys
+        "sweep",
+        "figure3",
+        "--dims",
+        "32,64",
+        "--threads",
+        "1",
+        "--results",
+        str(tmp_path),
+        *FAST,
+        capsys=capsys,
     )
 
     assert status == 2
