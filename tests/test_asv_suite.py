@@ -3,6 +3,7 @@ import inspect
 import itertools
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,15 @@ from snf_core import Flow, SelfNormalizingLinear
 ROOT = Path(__file__).resolve().parents[1]
 
 BENCHMARK_PREFIXES = ("time_", "peakmem_", "track_")
+
+
+@pytest.fixture(autouse=True)
+def restore_threads() -> Iterator[None]:
+    """Restore torch's thread count, which the benchmarks' setup pins, for later tests."""
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def asv_classes() -> list[type]:
@@ -111,6 +121,8 @@ def test_asv_cuda_skips_without_gpu() -> None:
 def test_asv_train_step_runs() -> None:
     benchmark = bench_layers.FCTrain()
     benchmark.setup("figure3-128", "snf", "cpu")
+
+    assert torch.get_num_threads() == bench_layers.THREADS
 
     benchmark.time_train_batch("figure3-128", "snf", "cpu")
 
