@@ -278,8 +278,8 @@ class Workload:
 
         if self.case.method == "linear":
             # The self-normalizing layer always computes its input gradient, because the
-            # gradient of R needs it; the reference does too, as a layer inside a flow would.
-            # Three products against six is then the 2x floor of the comparison.
+            # gradient of R needs it. The reference does too, as a layer inside a flow would,
+            # so three products against six is the 2x floor of the comparison.
             x = x.detach().requires_grad_()
             loss = 0.5 * self.model(x).square().sum(dim=1).mean()
         else:

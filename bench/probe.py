@@ -4,7 +4,7 @@ Run as ``python -m bench.probe CASE_JSON METRIC THREADS [DATA_ROOT]``, which pri
 object. Within one long-lived process a case reuses memory that an earlier case freed and
 shows no growth, so each measurement gets a fresh process. That process also sets glibc's
 mmap threshold to 64 KiB, so freed tensors leave the resident set at once instead of
-staying in the heap for the next allocation; timing never runs under that setting.
+staying in the heap for the next allocation. Timing never runs under that setting.
 
 The baseline is the process after imports, data loading and a tiny warm-up case. The peak
 covers building the model and optimizer and three calls of the metric's work, so it counts

@@ -127,7 +127,7 @@ def _peak_memory_row(
 ) -> tuple | None:
     case = workload.case
 
-    # On CUDA the allocator's peak resets per call; resident memory on the CPU does not
+    # On CUDA the allocator's peak resets per call. Resident memory on the CPU does not
     # shrink when tensors are freed, so the CPU peak needs a fresh process.
     if case.device.startswith("cuda"):
         memory = peak_memory_mib(call, case.device)

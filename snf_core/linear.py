@@ -125,9 +125,9 @@ class SelfNormalizingLinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx,
-        grad_z: Tensor,
-        grad_logabsdet: Tensor,
-        grad_reconstruction: Tensor,
+        grad_z: Tensor | None,
+        grad_logabsdet: Tensor | None,
+        grad_reconstruction: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
         x, weight, inverse_weight, wx, error = ctx.saved_tensors
 
