@@ -100,6 +100,12 @@ _TO_MS = {"ns": 1e-6, "us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3}
 _TO_MIB = {"B": 1.0 / 2**20, "KiB": 1.0 / 2**10, "MiB": 1.0, "GiB": 2.0**10}
 _REQUIRED_FIELDS = ("schema", "time", "preset", "case", "metric", "unit", "stats", "machine")
 _MISSING = "–"
+_MEMORY_SENTENCE = (
+    f"Peak memory is in MiB: on the CPU the peak resident memory of a fresh process above its "
+    f"baseline, on CUDA the allocator's peak above the memory in use before the step. "
+    f"A {_MISSING} marks a case without a memory record."
+)
+_MEMORY_COLUMNS = {"train_peak_memory": "Train peak MiB", "sample_peak_memory": "Sample peak MiB"}
 
 
 @dataclass(frozen=True)
@@ -408,8 +414,8 @@ def table2_markdown(records: Sequence[dict]) -> str:
     """Render Table 2: single layers on MNIST-sized inputs, one table per machine and device.
 
     Each table gives training ms/batch and sampling ms/sample as mean ± std, n, the SNF speed-up
-    over exact (exact mean / SNF mean), peak memory when measured, and flags rows with a
-    coefficient of variation above ``NOISY_CV``. The published numbers follow the tables.
+    over exact (exact mean / SNF mean), peak memory (a dash where not measured), and flags rows
+    with a coefficient of variation above ``NOISY_CV``. The published numbers follow the tables.
 
     Raises:
         ValueError: when no record belongs to Table 2.
@@ -431,8 +437,8 @@ def table2_markdown(records: Sequence[dict]) -> str:
         "# Table 2: single-layer time on MNIST-sized inputs",
         "",
         "Training time per batch and sampling time per sample in ms, mean ± std. The speed-up is "
-        "the exact mean divided by the Self Normalizing mean. Rows whose coefficient of "
-        f"variation exceeds {NOISY_CV} are flagged as noisy.",
+        f"the exact mean divided by the Self Normalizing mean. {_MEMORY_SENTENCE} Rows whose "
+        f"coefficient of variation exceeds {NOISY_CV} are flagged as noisy.",
         "",
     ]
     groups = _group_by(selected, _group_key)
@@ -514,7 +520,6 @@ def _table_cells(group: Sequence[dict]) -> tuple[dict[tuple[str, str, str], Meas
 
 
 def _table2_frame(cells: dict[tuple[str, str, str], Measurement]) -> pd.DataFrame:
-    memory_metrics = _memory_metrics(cells)
     rows = []
 
     for model, method, label in TABLE2_ROWS:
@@ -535,28 +540,21 @@ def _table2_frame(cells: dict[tuple[str, str, str], Measurement]) -> pd.DataFram
             row["Train speed-up"] = format_ratio(_speedup(cells, model, "train_time"))
             row["Sample speed-up"] = format_ratio(_speedup(cells, model, "sample_time"))
 
-        row.update(_memory_columns(row_cells, memory_metrics))
+        row.update(_memory_columns(row_cells))
         row["Flags"] = _noisy_flag(row_cells)
         rows.append(row)
 
     return pd.DataFrame(rows)
 
 
-def _memory_metrics(cells: dict[tuple[str, str, str], Measurement]) -> list[str]:
-    """List the peak memory metrics that any cell has, so that a table shows only those."""
-    return [
-        metric
-        for metric in ("train_peak_memory", "sample_peak_memory")
-        if any(key[2] == metric for key in cells)
-    ]
+def _memory_columns(row_cells: dict[str, Measurement | None]) -> dict[str, str]:
+    """Return the peak memory cells of a row, with a dash where the case has no memory record.
 
-
-def _memory_columns(
-    row_cells: dict[str, Measurement | None], memory_metrics: Sequence[str]
-) -> dict[str, str]:
+    The columns are always present, so a table shows that memory was not measured rather than
+    leaving it out.
+    """
     columns = {}
-    for metric in memory_metrics:
-        column = "Train peak MiB" if metric == "train_peak_memory" else "Sample peak MiB"
+    for metric, column in _MEMORY_COLUMNS.items():
         peak = row_cells[metric]
         columns[column] = _MISSING if peak is None else format_value(peak.mean)
     return columns
@@ -646,10 +644,10 @@ def table3_records(records: Iterable[dict]) -> list[dict]:
 def table3_markdown(records: Sequence[dict]) -> str:
     """Render Table 3: whole flows on MNIST, one table per machine and device.
 
-    Each table gives training ms/batch and sampling ms/sample as mean ± std, n, peak memory
-    when measured, and on each baseline row the SNF speed-up over that row (row mean / SNF mean
-    of the same family). The published numbers follow, then an Ordering section that compares,
-    per family, whether SNF is faster here and in Keller et al. (2020).
+    Each table gives training ms/batch and sampling ms/sample as mean ± std, n, peak memory (a
+    dash where not measured), and on each baseline row the SNF speed-up over that row (row mean
+    / SNF mean of the same family). The published numbers follow, then an Ordering section that
+    compares, per family, whether SNF is faster here and in Keller et al. (2020).
 
     Raises:
         ValueError: when no record belongs to Table 3.
@@ -673,8 +671,8 @@ def table3_markdown(records: Sequence[dict]) -> str:
         "Training time per batch and sampling time per sample in ms, mean ± std. On each "
         "baseline row, the SNF speed-up columns give that row's mean divided by the mean of the "
         "Self Normalizing flow of the same family, so a value above 1× means that SNF is faster "
-        f"than the row. Rows whose coefficient of variation exceeds {NOISY_CV} are flagged as "
-        "noisy.",
+        f"than the row. {_MEMORY_SENTENCE} Rows whose coefficient of variation exceeds {NOISY_CV} "
+        "are flagged as noisy.",
         "",
     ]
     group_cells = []
@@ -737,7 +735,6 @@ def paper_table3_frame() -> pd.DataFrame:
 
 
 def _table3_frame(cells: dict[tuple[str, str, str], Measurement]) -> pd.DataFrame:
-    memory_metrics = _memory_metrics(cells)
     rows = []
 
     for model, method, label in TABLE3_ROWS:
@@ -754,7 +751,7 @@ def _table3_frame(cells: dict[tuple[str, str, str], Measurement]) -> pd.DataFram
             **_speedup_columns(cells, model, method),
         }
 
-        row.update(_memory_columns(row_cells, memory_metrics))
+        row.update(_memory_columns(row_cells))
         row["Flags"] = _noisy_flag(row_cells)
         rows.append(row)
 
@@ -859,6 +856,46 @@ def figure3_records(records: Iterable[dict]) -> list[dict]:
     ]
 
 
+def figure3_memory(records: Sequence[dict]) -> tuple[dict[tuple, float], list[str]]:
+    """Collect Figure 3 training peak memory in MiB per (machine label, device, model, method, D).
+
+    Returns:
+        A dict from (label, device, model, method, D) to the peak memory of the latest
+        ``train_peak_memory`` record, and the notes on repeated or conflicting records.
+    """
+    models = {model for model, _ in FIGURE3_MODELS}
+    methods = {method for method, _ in FIGURE3_METHODS}
+    selected = [
+        record
+        for record in records
+        if record["preset"] == "figure3"
+        and record["metric"] == "train_peak_memory"
+        and record["case"].get("model") in models
+        and record["case"].get("method") in methods
+        and record["case"].get("dim") is not None
+    ]
+
+    selected, repeated = latest_records(selected)
+    notes = []
+    if repeated:
+        notes.append(f"Memory: {_repeat_note(repeated)}")
+
+    selected, conflicts = latest_records(selected, _figure3_point_key)
+    if conflicts:
+        notes.append(
+            f"Memory: {_count(conflicts, 'point')} had records of more than one case (for "
+            "example another thread count). Each shows its latest record."
+        )
+
+    peaks = {_figure3_point_key(record): measurement(record).mean for record in selected}
+    return peaks, notes
+
+
+def _figure3_point_key(record: dict) -> tuple[str, str, str, str, int]:
+    case = record["case"]
+    return (*_group_key(record), case["model"], case["method"], int(case["dim"]))
+
+
 def fit_slope(dims: Sequence[float], times: Sequence[float]) -> float:
     """Fit the slope of log(time) against log(D) by least squares.
 
@@ -910,11 +947,7 @@ def figure3_series(records: Sequence[dict]) -> tuple[pd.DataFrame, list[str]]:
     selected, repeated = latest_records(selected)
     notes = [_repeat_note(repeated)] if repeated else []
 
-    def point_key(record: dict) -> tuple[str, str, str, str, int]:
-        case = record["case"]
-        return (*_group_key(record), case["model"], case["method"], int(case["dim"]))
-
-    selected, conflicts = latest_records(selected, point_key)
+    selected, conflicts = latest_records(selected, _figure3_point_key)
     if conflicts:
         notes.append(
             f"{_count(conflicts, 'point')} had records of more than one case (for example another "
@@ -926,7 +959,7 @@ def figure3_series(records: Sequence[dict]) -> tuple[pd.DataFrame, list[str]]:
         value = measurement(record)
         if value.median is None:
             raise ValueError(f"a figure3 record of {_case_text(record)} has no median")
-        label, device, model, method, dim = point_key(record)
+        label, device, model, method, dim = _figure3_point_key(record)
         rows.append(
             {
                 "label": label,
@@ -990,12 +1023,14 @@ def faster_from(dims: Sequence[int], snf: Sequence[float], exact: Sequence[float
 
 
 def figure3_markdown(records: Sequence[dict]) -> str:
-    """Render Figure 3 as Markdown: medians per D, SNF speed-ups, slopes and the crossover D.
+    """Render Figure 3 as Markdown: medians, peak memory, speed-ups, slopes and crossover D.
 
     Raises:
         ValueError: when no record belongs to Figure 3.
     """
     series, notes = figure3_series(records)
+    peaks, memory_notes = figure3_memory(records)
+    notes += memory_notes
     slopes = figure3_slopes(series)
     selected, _ = latest_records(figure3_records(records))
 
@@ -1005,7 +1040,9 @@ def figure3_markdown(records: Sequence[dict]) -> str:
         "Median training time per batch in ms for one layer without activation. The speed-up is "
         "the exact median divided by the SNF median. Slopes are least-squares fits of log(time) "
         "against log(D), over all D and over the upper half of the D range. SNF should approach "
-        "2, and exact approaches 3 only at large D, where its O(D³) slogdet dominates.",
+        "2, and exact approaches 3 only at large D, where its O(D³) slogdet dominates. The train "
+        f"peak MiB columns give the peak memory of training steps. "
+        f"{_MEMORY_SENTENCE}",
         "",
     ]
 
@@ -1024,14 +1061,26 @@ def figure3_markdown(records: Sequence[dict]) -> str:
                 & (slopes["device"] == device)
                 & (slopes["model"] == model)
             ]
+            model_peaks = {
+                (method, dim): peak
+                for (*group, peak_model, method, dim), peak in peaks.items()
+                if tuple(group) == (label, device) and peak_model == model
+            }
             lines += [f"### {title}", ""]
-            lines += _figure3_model_section(model_points, model_slopes)
+            lines += _figure3_model_section(model_points, model_slopes, model_peaks)
 
     lines += _notes_section(notes)
     return "\n".join(lines)
 
 
-def _figure3_model_section(points: pd.DataFrame, slopes: pd.DataFrame) -> list[str]:
+def _figure3_model_section(
+    points: pd.DataFrame, slopes: pd.DataFrame, peaks: dict[tuple[str, int], float]
+) -> list[str]:
+    """Render one model's table per D, its slope table and its crossover line.
+
+    ``peaks`` maps (method, D) to the training peak memory in MiB. Each method gets a memory
+    column, with a dash at a D that has no memory record.
+    """
     medians = points.pivot(index="dim", columns="method", values="median")
     names = dict(FIGURE3_METHODS)
     table = pd.DataFrame({"D": [str(dim) for dim in medians.index]})
@@ -1044,6 +1093,12 @@ def _figure3_model_section(points: pd.DataFrame, slopes: pd.DataFrame) -> list[s
     if has_both:
         speedups = medians["exact"] / medians["snf"]
         table["SNF speed-up"] = [format_ratio(_nan_to_none(v)) for v in speedups]
+
+    for method, name in FIGURE3_METHODS:
+        if method in medians:
+            table[f"{name} train peak MiB"] = [
+                format_value(peaks.get((method, int(dim)))) for dim in medians.index
+            ]
 
     slope_table = pd.DataFrame(
         {

@@ -279,16 +279,33 @@ def test_table2_flags_noisy_rows() -> None:
     assert table_row(markdown, "Exact FC")[-1] == ""
 
 
-def test_table2_memory_columns_only_when_measured() -> None:
-    without = report.table2_markdown(table2_set())
-    records = table2_set() + [make_record("table2", "fc", "snf", "train_peak_memory", 12.5, 0.0)]
+def test_table2_memory_columns_without_records() -> None:
+    markdown = report.table2_markdown(table2_set())
 
-    with_memory = report.table2_markdown(records)
+    header = table_header(markdown)
+    train_column = header.index("Train peak MiB")
+    sample_column = header.index("Sample peak MiB")
+    assert table_row(markdown, "Self Normalizing FC")[train_column] == "–"
+    assert table_row(markdown, "Self Normalizing FC")[sample_column] == "–"
 
-    assert "Train peak MiB" not in table_header(without)
-    assert "Train peak MiB" in table_header(with_memory)
-    column = table_header(with_memory).index("Train peak MiB")
-    assert table_row(with_memory, "Self Normalizing FC")[column] == "12.5"
+
+def test_table2_memory_values_match_records() -> None:
+    records = table2_set() + [
+        make_record("table2", "fc", "snf", "train_peak_memory", 12.5, 0.0),
+        make_record("table2", "fc", "snf", "sample_peak_memory", 3.25, 0.0),
+        make_record("table2", "conv", "exact", "train_peak_memory", 1.5, 0.0, unit="GiB"),
+    ]
+
+    markdown = report.table2_markdown(records)
+
+    header = table_header(markdown)
+    train_column = header.index("Train peak MiB")
+    sample_column = header.index("Sample peak MiB")
+    assert table_row(markdown, "Self Normalizing FC")[train_column] == "12.5"
+    assert table_row(markdown, "Self Normalizing FC")[sample_column] == "3.25"
+    assert table_row(markdown, "Exact Conv.")[train_column] == "1536"
+    assert table_row(markdown, "Exact Conv.")[sample_column] == "–"
+    assert table_row(markdown, "Exact FC")[train_column] == "–"
 
 
 def test_table2_converts_units() -> None:
@@ -524,17 +541,48 @@ def test_table3_links_profile() -> None:
     ) in markdown
 
 
-def test_table3_memory_columns_only_when_measured() -> None:
+def test_table3_memory_columns_without_records() -> None:
+    markdown = report.table3_markdown(table3_set())
+
+    header = table_header(markdown)
+    train_column = header.index("Train peak MiB")
+    sample_column = header.index("Sample peak MiB")
+    assert table_row(markdown, "Exact FC 2-Layer")[train_column] == "–"
+    assert table_row(markdown, "Self Normalizing Glow-like 32-Layer")[sample_column] == "–"
+    assert "A – marks a case without a memory record." in markdown
+
+
+def test_table3_memory_values_match_records() -> None:
     records = table3_set() + [
-        make_record("table3", "conv9", "snf", "train_peak_memory", 250.0, 0.0)
+        make_record("table3", "conv9", "snf", "train_peak_memory", 250.0, 0.0),
+        make_record("table3", "conv9", "snf", "sample_peak_memory", 48.25, 0.0),
+        make_record("table3", "glow", "exact", "sample_peak_memory", 2048.0, 0.0, unit="KiB"),
     ]
 
     markdown = report.table3_markdown(records)
 
-    assert "Train peak MiB" not in table_header(report.table3_markdown(table3_set()))
+    header = table_header(markdown)
+    train_column = header.index("Train peak MiB")
+    sample_column = header.index("Sample peak MiB")
+    assert table_row(markdown, "Self Normalizing Conv. 9-Layer")[train_column] == "250"
+    assert table_row(markdown, "Self Normalizing Conv. 9-Layer")[sample_column] == "48.2"
+    assert table_row(markdown, "Glow-like 32-Layer")[sample_column] == "2.00"
+    assert table_row(markdown, "Glow-like 32-Layer")[train_column] == "–"
+    assert table_row(markdown, "Exact Conv. 9-Layer")[train_column] == "–"
+
+
+def test_table3_memory_uses_latest_record() -> None:
+    records = table3_set() + [
+        make_record("table3", "fc2", "snf", "train_peak_memory", 90.0, 0.0),
+        make_record(
+            "table3", "fc2", "snf", "train_peak_memory", 70.0, 0.0, time="2027-01-01T00:00:00Z"
+        ),
+    ]
+
+    markdown = report.table3_markdown(records)
+
     column = table_header(markdown).index("Train peak MiB")
-    assert table_row(markdown, "Self Normalizing Conv. 9-Layer")[column] == "250"
-    assert table_row(markdown, "Exact Conv. 9-Layer")[column] == "–"
+    assert table_row(markdown, "Self Normalizing FC 2-Layer")[column] == "70.0"
 
 
 def test_table3_leaves_out_wrong_per() -> None:
@@ -702,6 +750,85 @@ def test_figure3_markdown_disjoint_dims() -> None:
     assert "| Exact | – | – | 96 |" in markdown
     assert "SNF is faster" not in markdown
     assert "SNF is not faster" not in markdown
+
+
+def figure3_table_row(markdown: str, title: str, dim: int) -> dict[str, str]:
+    """Return the row for ``dim`` of the table per D under ``### title``, keyed by header."""
+    section = markdown.split(f"### {title}", 1)[1]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0] == str(dim):
+            return dict(zip(header, cells, strict=True))
+
+    raise AssertionError(f"no row for D = {dim} under {title!r} in:\n{markdown}")
+
+
+def test_figure3_memory_values_match_records() -> None:
+    records = figure3_set() + [
+        make_record("figure3", "fc", "snf", "train_peak_memory", 1.25, 0.0, dim=32),
+        make_record("figure3", "fc", "exact", "train_peak_memory", 2.5, 0.0, dim=32),
+        make_record(
+            "figure3", "conv", "exact", "train_peak_memory", 0.5, 0.0, dim=128, unit="GiB"
+        ),
+        make_record("figure3", "fc", "snf", "sample_peak_memory", 99.0, 0.0, dim=128),
+    ]
+
+    markdown = report.figure3_markdown(records)
+
+    fc_32 = figure3_table_row(markdown, "Fully connected", 32)
+    fc_128 = figure3_table_row(markdown, "Fully connected", 128)
+    conv_32 = figure3_table_row(markdown, "3x3 conv", 32)
+    conv_128 = figure3_table_row(markdown, "3x3 conv", 128)
+    assert fc_32["SNF train peak MiB"] == "1.25"
+    assert fc_32["Exact train peak MiB"] == "2.50"
+    assert fc_128["SNF train peak MiB"] == "–"
+    assert conv_32["Exact train peak MiB"] == "–"
+    assert conv_128["Exact train peak MiB"] == "512"
+    assert conv_128["SNF train peak MiB"] == "–"
+
+
+def test_figure3_memory_columns_without_records() -> None:
+    markdown = report.figure3_markdown(figure3_set())
+
+    row = figure3_table_row(markdown, "Fully connected", 32)
+
+    assert row["SNF train peak MiB"] == "–"
+    assert row["Exact train peak MiB"] == "–"
+
+
+def test_figure3_memory_per_machine() -> None:
+    other = {**MACHINE, "label": "cpu-other-4c"}
+    records = figure3_set() + [
+        make_record("figure3", "fc", "snf", "train_peak_memory", 7.0, 0.0, dim=32, machine=other)
+    ]
+
+    markdown = report.figure3_markdown(records)
+
+    assert figure3_table_row(markdown, "Fully connected", 32)["SNF train peak MiB"] == "–"
+
+
+def test_figure3_memory_uses_latest_record() -> None:
+    records = figure3_set() + [
+        make_record("figure3", "fc", "snf", "train_peak_memory", 7.0, 0.0, dim=32),
+        make_record(
+            "figure3",
+            "fc",
+            "snf",
+            "train_peak_memory",
+            5.0,
+            0.0,
+            dim=32,
+            time="2027-01-01T00:00:00Z",
+        ),
+    ]
+
+    markdown = report.figure3_markdown(records)
+
+    assert figure3_table_row(markdown, "Fully connected", 32)["SNF train peak MiB"] == "5.00"
+    assert "Memory: 1 measurement was recorded more than once" in markdown
 
 
 def test_figure3_without_records_raises() -> None:
