@@ -3,7 +3,8 @@
 
 Invalid input ends with one line on stderr, ``snf-bench: error: ...``, and exit status 2. A
 regression found by ``compare --against`` ends with one line, ``snf-bench: regression: ...``,
-and exit status 1.
+and exit status 1, as do baseline cases missing from the new results under ``--require-all``
+(``snf-bench: missing: ...``).
 """
 
 import argparse
@@ -318,6 +319,12 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
         help="with --against: the multiple of cv that counts as noise for records without a "
         f"median interval (default: {DEFAULT_NOISE_K:g})",
     )
+    compare.add_argument(
+        "--require-all",
+        action="store_true",
+        help="with --against: exit 1 when the new results lack a case and metric that the "
+        "baseline has (default: list such cases on stderr and in compare.md, and pass)",
+    )
 
 
 def _check_device(device: str) -> None:
@@ -449,6 +456,9 @@ def _compare(args: argparse.Namespace) -> int:
     if args.against is None and (args.max_ratio is not None or args.noise_k is not None):
         raise UsageError("--max-ratio and --noise-k apply with --against BASELINE only")
 
+    if args.against is None and args.require_all:
+        raise UsageError("--require-all applies with --against BASELINE only")
+
     options = CompareOptions(
         paths=args.paths,
         out=args.out,
@@ -459,6 +469,7 @@ def _compare(args: argparse.Namespace) -> int:
         against=args.against,
         max_ratio=DEFAULT_MAX_RATIO if args.max_ratio is None else args.max_ratio,
         noise_k=DEFAULT_NOISE_K if args.noise_k is None else args.noise_k,
+        require_all=args.require_all,
     )
 
     def progress(line: str) -> None:
@@ -477,6 +488,11 @@ def _compare(args: argparse.Namespace) -> int:
 
     if outcome.regression is not None:
         print(f"snf-bench: regression: {outcome.regression}", file=sys.stderr)
+
+    if outcome.missing is not None:
+        print(f"snf-bench: missing: {outcome.missing}", file=sys.stderr)
+
+    if outcome.regression is not None or outcome.missing is not None:
         return EXIT_REGRESSION
 
     return 0

@@ -55,11 +55,14 @@ __all__ = [
     "CompareOutcome",
     "GateRow",
     "LoadedResults",
+    "MissingCase",
     "append_step_summary",
     "column_of",
     "comparison_markdown",
     "gate_markdown",
     "load_results",
+    "missing_cases",
+    "missing_message",
     "plot_devices",
     "regression_message",
     "regression_rows",
@@ -693,12 +696,37 @@ class GateRow:
     @property
     def case_text(self) -> str:
         """The case as ``model method shape, batch N``."""
-        case = self.case
+        return _gate_case_text(self.case)
+
+
+@dataclass(frozen=True)
+class MissingCase:
+    """A baseline case of one gated metric that has no record in a new column."""
+
+    preset: str
+    metric: str
+    case: dict
+    baseline: Column
+    column: Column | None
+
+    @property
+    def case_text(self) -> str:
+        """The case as ``model method shape, batch N``."""
+        return _gate_case_text(self.case)
+
+    def __str__(self) -> str:
+        new = "the new results" if self.column is None else str(self.column)
 
         return (
-            f"{case.get('model')} {case.get('method')} {_shape_text(case.get('shape'))}, "
-            f"batch {case.get('batch_size')}"
+            f"{self.preset} {self.metric} of {self.case_text}, in {self.baseline} but not in {new}"
         )
+
+
+def _gate_case_text(case: dict) -> str:
+    return (
+        f"{case.get('model')} {case.get('method')} {_shape_text(case.get('shape'))}, "
+        f"batch {case.get('batch_size')}"
+    )
 
 
 def _interval(record: dict) -> tuple[float, float] | None:
@@ -791,16 +819,7 @@ def regression_rows(
     rows = []
 
     for column in sorted(new):
-        if column in old:
-            reference = column
-        elif len(old) == 1:
-            reference = next(iter(old))
-        else:
-            found = ", ".join(str(c) for c in sorted(old)) or "none"
-            raise ValueError(
-                f"the baseline has no column {column} and several others ({found}); pass a "
-                "baseline file with that label and device, or with one column only"
-            )
+        reference = _reference_column(column, old)
 
         for key, record in new[column].items():
             reference_record = old[reference].get(key)
@@ -818,6 +837,101 @@ def regression_rows(
         )
 
     return sorted(rows, key=lambda row: row.ratio, reverse=True)
+
+
+def _reference_column(column: Column, baseline: dict[Column, dict]) -> Column:
+    """Return the baseline column that a new column is compared with.
+
+    That is the baseline column of the same label and device, else the baseline's only column.
+
+    Raises:
+        ValueError: When the baseline has several columns and none is ``column``.
+    """
+    if column in baseline:
+        return column
+
+    if len(baseline) == 1:
+        return next(iter(baseline))
+
+    found = ", ".join(str(c) for c in sorted(baseline)) or "none"
+    raise ValueError(
+        f"the baseline has no column {column} and several others ({found}); pass a "
+        "baseline file with that label and device, or with one column only"
+    )
+
+
+def missing_cases(
+    new_records: Sequence[dict],
+    baseline_records: Sequence[dict],
+    metrics: Sequence[str] | None = None,
+) -> list[MissingCase]:
+    r"""List the baseline's cases that the new records lack, which the gate cannot check.
+
+    A baseline case counts as missing from each new column that is compared with its baseline
+    column (as in :func:`regression_rows`) but has no record of the same preset, metric and case.
+    Every case of a baseline column that no new column is compared with is missing too, with
+    ``column`` None.
+
+    Arguments:
+        new_records: The records to check.
+        baseline_records: The reference records.
+        metrics: The metrics to check, by default ``train_time`` and ``sample_time``.
+
+    Returns:
+        The missing cases, ordered by baseline column, preset, metric and case.
+
+    Raises:
+        ValueError: When the baseline has several columns and none matches a new column.
+    """
+    metrics = tuple(metrics or GATE_METRICS)
+    new = _by_column(new_records, metrics)
+    old = _by_column(baseline_records, metrics)
+    compared: dict[Column, list[Column]] = {column: [] for column in old}
+
+    for column in sorted(new):
+        compared[_reference_column(column, old)].append(column)
+
+    missing = []
+
+    for baseline, records in old.items():
+        for key, record in records.items():
+            columns = compared[baseline] or [None]
+            lacking = [c for c in columns if c is None or key not in new[c]]
+
+            for column in lacking:
+                missing.append(
+                    MissingCase(
+                        preset=record["preset"],
+                        metric=record["metric"],
+                        case=_row_case(record),
+                        baseline=baseline,
+                        column=column,
+                    )
+                )
+
+    return sorted(
+        missing,
+        key=lambda item: (
+            item.baseline,
+            item.preset,
+            _metric_rank(item.metric),
+            _case_order(item.case),
+            str(item.column),
+        ),
+    )
+
+
+def missing_message(missing: Sequence[MissingCase]) -> str | None:
+    """Return one line naming the number of missing cases and the first, or None if none."""
+    if not missing:
+        return None
+
+    count = "1 baseline case is" if len(missing) == 1 else f"{len(missing)} baseline cases are"
+
+    return (
+        f"{count} missing from the new results, the first: {missing[0]}; measure the missing "
+        "cases or drop --require-all"
+    )
 
 
 def _gate_row(
@@ -867,8 +981,14 @@ def regression_message(rows: Sequence[GateRow], max_ratio: float) -> str | None:
     )
 
 
-def gate_markdown(rows: Sequence[GateRow], max_ratio: float, baseline_name: str) -> str:
-    """Render the gate's verdict on every case, worst ratio first."""
+def gate_markdown(
+    rows: Sequence[GateRow],
+    max_ratio: float,
+    baseline_name: str,
+    missing: Sequence[MissingCase] = (),
+    require_all: bool = False,
+) -> str:
+    """Render the gate's verdict on every case, worst ratio first, then the missing cases."""
     failed = sum(row.regression for row in rows)
     verdict = (
         f"**{failed} of {len(rows)} cases regressed.**"
@@ -905,8 +1025,42 @@ def gate_markdown(rows: Sequence[GateRow], max_ratio: float, baseline_name: str)
                 table, text_columns=["Metric", "Case", "Column", "Baseline", "Noise", "Verdict"]
             ),
             "",
+            *_missing_section(missing, require_all),
         ]
     )
+
+
+def _missing_section(missing: Sequence[MissingCase], require_all: bool) -> list[str]:
+    if not missing:
+        return []
+
+    count = "1 baseline case has" if len(missing) == 1 else f"{len(missing)} baseline cases have"
+    consequence = (
+        "With --require-all, the gate fails because of them."
+        if require_all
+        else "They do not fail the gate unless --require-all is given."
+    )
+    table = pd.DataFrame(
+        [
+            {
+                "Preset": item.preset,
+                "Metric": item.metric,
+                "Case": item.case_text,
+                "Baseline": str(item.baseline),
+                "Missing from": "the new results" if item.column is None else str(item.column),
+            }
+            for item in missing
+        ]
+    )
+
+    return [
+        "### Missing from the new results",
+        "",
+        f"{count} no record in the new results, so the gate did not check them. {consequence}",
+        "",
+        markdown_table(table, text_columns=list(table.columns)),
+        "",
+    ]
 
 
 def _verdict(row: GateRow, max_ratio: float) -> str:
@@ -970,21 +1124,29 @@ class CompareOptions:
     against: Path | None = None
     max_ratio: float = DEFAULT_MAX_RATIO
     noise_k: float = DEFAULT_NOISE_K
+    require_all: bool = False
 
 
 @dataclass
 class CompareOutcome:
-    """The files written, and the one-line message of the worst regression if the gate failed."""
+    """The files written, and the one-line messages of the gate's failures.
+
+    ``regression`` names the worst regression, and ``missing`` the number of missing baseline
+    cases and the first of them when ``require_all`` was set. Each is None when that check
+    passed.
+    """
 
     written: list[Path]
     regression: str | None
+    missing: str | None = None
 
 
 def run_compare(options: CompareOptions, progress: Progress | None = None) -> CompareOutcome:
     r"""Write ``compare.md`` and the Figure 3 plots, and run the gate when ``against`` is set.
 
     The Markdown also goes to ``GITHUB_STEP_SUMMARY`` when that variable is set, without the
-    plot link.
+    plot link. The gate lists each baseline case that the new records lack through
+    ``progress``, one line per case.
 
     Raises:
         ValueError: When the files hold no records, the baseline matches no column, or the
@@ -1006,7 +1168,7 @@ def run_compare(options: CompareOptions, progress: Progress | None = None) -> Co
         )
 
     report, summary = render(True), render(False)
-    regression = None
+    regression = missing_failure = None
 
     if options.against is not None:
         reference = load_results([options.against], progress)
@@ -1018,9 +1180,19 @@ def run_compare(options: CompareOptions, progress: Progress | None = None) -> Co
         rows = regression_rows(
             loaded.records, reference.records, options.max_ratio, options.metrics, options.noise_k
         )
-        gate = gate_markdown(rows, options.max_ratio, str(options.against))
+        missing = missing_cases(loaded.records, reference.records, options.metrics)
+        gate = gate_markdown(
+            rows, options.max_ratio, str(options.against), missing, options.require_all
+        )
         report, summary = f"{report}\n{gate}", f"{summary}\n{gate}"
         regression = regression_message(rows, options.max_ratio)
+
+        if progress is not None:
+            for item in missing:
+                progress(f"missing from the new results: {item}")
+
+        if options.require_all:
+            missing_failure = missing_message(missing)
 
     options.out.mkdir(parents=True, exist_ok=True)
     path = options.out / "compare.md"
@@ -1036,4 +1208,4 @@ def run_compare(options: CompareOptions, progress: Progress | None = None) -> Co
 
     append_step_summary(summary, progress)
 
-    return CompareOutcome(written, regression)
+    return CompareOutcome(written, regression, missing_failure)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench.cli import main
+from bench.compare import Column, missing_cases
 from bench.report import format_ratio, format_value
 from bench.results import read_records
 from bench.sweep import SweepSettings, select_cases, shard_cases
@@ -457,9 +458,136 @@ def test_gate_other_label_single_column(
     assert {row["Column"] for row in gate} == {"cpu-2t, cpu"}
 
 
+def drop_target(results: dict[str, Path], tmp_path: Path) -> Path:
+    """Write a copy of cpu-1t without the target record (FC SNF train time at D = 64)."""
+    source = next(results["cpu-1t"].glob("*.jsonl"))
+    lines = source.read_text().splitlines()
+    remaining = [line for line in lines if not is_target(json.loads(line))]
+    target = tmp_path / "new" / source.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(remaining) + "\n")
+
+    return target
+
+
+MISSING_TARGET = (
+    "figure3 train_time of fc snf 64, batch 128, in cpu-1t, cpu but not in cpu-1t, cpu"
+)
+
+
+def test_gate_lists_missing_cases(
+    results: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    new = drop_target(results, tmp_path)
+    status, _, err = run_cli(
+        "compare", new, "--against", results["cpu-1t"], "--out", tmp_path, capsys=capsys
+    )
+    markdown = (tmp_path / "compare.md").read_text()
+    missing = table_rows(markdown, "### Missing from the new results")
+
+    assert status == 0
+    assert err == f"snf-bench: missing from the new results: {MISSING_TARGET}\n"
+    assert "No regression in 7 cases." in markdown
+    assert "1 baseline case has no record in the new results" in markdown
+    assert "They do not fail the gate unless --require-all is given." in markdown
+    assert len(missing) == 1
+    assert missing[0]["Preset"] == "figure3"
+    assert missing[0]["Metric"] == "train_time"
+    assert missing[0]["Case"] == "fc snf 64, batch 128"
+    assert missing[0]["Baseline"] == "cpu-1t, cpu"
+    assert missing[0]["Missing from"] == "cpu-1t, cpu"
+
+
+def test_gate_require_all_fails(
+    results: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    new = drop_target(results, tmp_path)
+    status, _, err = run_cli(
+        "compare",
+        new,
+        "--against",
+        results["cpu-1t"],
+        "--require-all",
+        "--out",
+        tmp_path,
+        capsys=capsys,
+    )
+    lines = err.splitlines()
+    markdown = (tmp_path / "compare.md").read_text()
+
+    assert status == 1
+    assert len(lines) == 2
+    assert lines[0] == f"snf-bench: missing from the new results: {MISSING_TARGET}"
+    assert lines[1] == (
+        f"snf-bench: missing: 1 baseline case is missing from the new results, the first: "
+        f"{MISSING_TARGET}; measure the missing cases or drop --require-all"
+    )
+    assert "With --require-all, the gate fails because of them." in markdown
+
+
+def test_gate_require_all_complete_passes(
+    results: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    status, _, err = run_cli(
+        "compare",
+        results["cpu-1t"],
+        "--against",
+        results["cpu-1t"],
+        "--require-all",
+        "--out",
+        tmp_path,
+        capsys=capsys,
+    )
+    markdown = (tmp_path / "compare.md").read_text()
+
+    assert status == 0
+    assert err == ""
+    assert "### Missing from the new results" not in markdown
+
+
+def test_gate_require_all_counts_cases(
+    results: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = next(results["cpu-1t"].glob("*.jsonl"))
+    first = source.read_text().splitlines()[0]
+    new = tmp_path / "new" / source.name
+    new.parent.mkdir(parents=True)
+    new.write_text(first + "\n")
+    status, _, err = run_cli(
+        "compare",
+        new,
+        "--against",
+        results["cpu-1t"],
+        "--require-all",
+        "--out",
+        tmp_path,
+        capsys=capsys,
+    )
+    lines = err.splitlines()
+
+    assert status == 1
+    assert len(lines) == 8
+    assert lines[-1].startswith(
+        "snf-bench: missing: 7 baseline cases are missing from the new results, the first: "
+    )
+
+
+def test_missing_cases_unmatched_column(results: dict[str, Path]) -> None:
+    new = read_records(results["cpu-1t"])
+    baseline = read_records(all_paths(results))
+
+    missing = missing_cases(new, baseline)
+
+    assert len(missing) == 8
+    assert {item.baseline for item in missing} == {Column("cpu-2t", "cpu")}
+    assert {item.column for item in missing} == {None}
+    assert str(missing[0]).endswith("in cpu-2t, cpu but not in the new results")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--require-all"], "--require-all applies with --against BASELINE only"),
         (["--max-ratio", "0.9", "--against", "."], "must be a ratio of at least 1, got 0.9"),
         (["--max-ratio", "1.2"], "--max-ratio and --noise-k apply with --against"),
         (["--baseline", "gpu-x"], "baseline 'gpu-x' matches no column"),
