@@ -126,13 +126,21 @@ class Flow(nn.Module):
         :meth:`log_prob` for the likelihood.
         """
 
-        z, logabsdet, reconstruction = train_forward_layers(self.layers, x)
-        nll = -(self.base.log_prob(z) + logabsdet)
+        nll, reconstruction = self.loss_terms(x)
 
         if self.reconstruction_weight == 0.0:
             return nll.mean()
 
         return nll.mean() + self.reconstruction_weight * reconstruction.mean()
+
+    def loss_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return the two per-sample terms of :meth:`loss`: the training negative
+        log-likelihood, without the log-determinants of self-normalizing layers, and the
+        summed layer-wise reconstruction error, zero for flows without learned inverses."""
+
+        z, logabsdet, reconstruction = train_forward_layers(self.layers, x)
+
+        return -(self.base.log_prob(z) + logabsdet), reconstruction
 
     @torch.no_grad()
     def inverse(self, z: Tensor, exact: bool = False) -> Tensor:
