@@ -63,6 +63,82 @@ def test_truncated_files_rejected(tmp_path: Path) -> None:
         load_mnist(tmp_path)
 
 
+def test_garbage_images_named(tmp_path: Path) -> None:
+    make_mnist_folder(tmp_path)
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(b"not an idx file, just text " * 10)
+
+    with pytest.raises(DataError) as caught:
+        load_mnist(tmp_path)
+
+    message = str(caught.value)
+    assert str(path) in message
+    assert "idx magic number is 0x6e6f7420, expected 0x00000803" in message
+
+
+def test_garbage_labels_named(tmp_path: Path) -> None:
+    make_mnist_folder(tmp_path)
+    path = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    path.write_bytes(b"\xff" * 40)
+
+    with pytest.raises(DataError) as caught:
+        load_mnist(tmp_path, train=False)
+
+    message = str(caught.value)
+    assert str(path) in message
+    assert "expected 0x00000801" in message
+
+
+def test_truncated_images_named(tmp_path: Path) -> None:
+    make_mnist_folder(tmp_path, n=12)
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:100])
+
+    with pytest.raises(DataError) as caught:
+        load_mnist(tmp_path)
+
+    message = str(caught.value)
+    assert str(path) in message
+    # 16 header bytes and 12 images of 28 × 28 bytes.
+    assert "it has 100 bytes, but its header (12 items of shape (28, 28)) gives 9424" in message
+    assert "truncated" in message
+
+
+def test_empty_file_named(tmp_path: Path) -> None:
+    make_mnist_folder(tmp_path)
+    path = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    path.write_bytes(b"")
+
+    with pytest.raises(DataError) as caught:
+        load_mnist(tmp_path)
+
+    message = str(caught.value)
+    assert str(path) in message
+    assert "it has 0 bytes, fewer than its 8-byte idx header" in message
+
+
+def test_wrong_image_size_named(tmp_path: Path) -> None:
+    make_mnist_folder(tmp_path)
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    write_idx(path, torch.zeros(12, 32, 32), 2051)
+
+    with pytest.raises(DataError, match=r"items have shape \(32, 32\), expected \(28, 28\)"):
+        load_mnist(tmp_path)
+
+
+def test_count_mismatch_named(tmp_path: Path) -> None:
+    make_mnist_folder(tmp_path, n=12)
+    raw = tmp_path / "MNIST" / "raw"
+    write_idx(raw / "train-labels-idx1-ubyte", torch.zeros(10), 2049)
+
+    with pytest.raises(DataError) as caught:
+        load_mnist(tmp_path)
+
+    message = str(caught.value)
+    assert str(raw / "train-images-idx3-ubyte") in message
+    assert "12 images but 10 labels" in message
+
+
 def test_gaussian_inputs_shape() -> None:
     x = gaussian_inputs(5, (1, 32, 1))
 
