@@ -5,12 +5,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
-from bench import bench_correctness, bench_layers
-from bench.cases import Case
+from bench import bench_correctness, bench_flows, bench_layers
+from bench.cases import Case, table3_cases
 from bench.sweep import SweepSettings, select_cases
 from snf_core import Flow, SelfNormalizingLinear
 
@@ -28,12 +29,12 @@ def restore_threads() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def asv_classes() -> list[type]:
-    """Return the classes of bench_layers that asv collects: public, with benchmarks."""
+def asv_classes(module: ModuleType = bench_layers) -> list[type]:
+    """Return the classes of an asv module that asv collects: public, with benchmarks."""
 
     return [
         cls
-        for name, cls in inspect.getmembers(bench_layers, inspect.isclass)
+        for name, cls in inspect.getmembers(module, inspect.isclass)
         if not name.startswith("_")
         and any(attr.startswith(BENCHMARK_PREFIXES) for attr in dir(cls))
     ]
@@ -75,7 +76,7 @@ def test_asv_classes_found() -> None:
 
 
 def test_asv_param_names_match_params() -> None:
-    for cls in asv_classes():
+    for cls in asv_classes() + asv_classes(bench_flows):
         assert len(cls.param_names) == len(cls.params), cls.__name__
 
 
@@ -135,6 +136,111 @@ def test_asv_sample_runs() -> None:
     benchmark.setup("figure3-128", "exact", "cpu")
 
     assert benchmark.time_sample("figure3-128", "exact", "cpu") is None
+
+
+def flow_cases(cls: type) -> list[Case]:
+    """Return the Table 3 case of each asv parameter set of a bench_flows class."""
+
+    return [bench_flows.CASES[(cls.model, *params)] for params in itertools.product(*cls.params)]
+
+
+def table3_sweep_cases() -> set[Case]:
+    """Return the cases of the sweep CLI's table3 preset on every device of the asv suite."""
+
+    cases = set()
+
+    for device in bench_flows.DEVICES:
+        cases.update(select_cases(SweepSettings("table3", Path("unused"), device=device)))
+
+    return cases
+
+
+def test_flow_classes_found() -> None:
+    names = {cls.__name__ for cls in asv_classes(bench_flows)}
+
+    assert names == {
+        "FC2Train",
+        "Conv9Train",
+        "GlowTrain",
+        "FC2Sample",
+        "Conv9Sample",
+        "GlowSample",
+        "FC2CUDAMemory",
+        "Conv9CUDAMemory",
+        "GlowCUDAMemory",
+    }
+
+
+def test_flow_params_are_table3() -> None:
+    expected = table3_sweep_cases()
+    classes = asv_classes(bench_flows)
+    trained = [
+        case for cls in classes if cls.__name__.endswith("Train") for case in flow_cases(cls)
+    ]
+    sampled = [
+        case for cls in classes if cls.__name__.endswith("Sample") for case in flow_cases(cls)
+    ]
+    gpu = [
+        case for cls in classes if cls.__name__.endswith("CUDAMemory") for case in flow_cases(cls)
+    ]
+
+    assert len(expected) == 2 * len(table3_cases())
+    assert sorted(trained, key=repr) == sorted(expected, key=repr)
+    assert sorted(sampled, key=repr) == sorted(expected, key=repr)
+    assert set(gpu) == {case for case in expected if case.device == "cuda"}
+    assert len(gpu) == len(set(gpu))
+
+
+def test_flow_classes_match_model() -> None:
+    for cls in asv_classes(bench_flows):
+        assert all(case.model == cls.model for case in flow_cases(cls)), cls.__name__
+        assert cls.params[0] == ["table3-784"], cls.__name__
+
+
+def test_flow_grid_rejects_layer() -> None:
+    with pytest.raises(ValueError, match="table3 cases of model 'fc'"):
+        bench_flows.flow_grid("fc")
+
+
+def test_flow_timing_fits_timeout() -> None:
+    timed = [cls for cls in asv_classes(bench_flows) if hasattr(cls, "time_train_batch")]
+    timed += [cls for cls in asv_classes(bench_flows) if hasattr(cls, "time_sample")]
+
+    assert len(timed) == 6
+
+    for cls in timed:
+        min_repeat, max_repeat, max_time = cls.repeat
+
+        assert cls.number == 1, cls.__name__
+        assert cls.min_run_count <= min_repeat <= max_repeat, cls.__name__
+        assert max_time < cls.timeout / 2, cls.__name__
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_flow_cuda_skips_without_gpu() -> None:
+    for cls in (bench_flows.FC2Train, bench_flows.GlowSample, bench_flows.GlowCUDAMemory):
+        with pytest.raises(bench_flows.SkipNotImplemented, match="CUDA is not available"):
+            cls().setup("table3-784", "snf", "cuda")
+
+
+@pytest.mark.parametrize("method", bench_flows.FC2Train.params[1])
+def test_flow_fc2_runs(method: str) -> None:
+    train = bench_flows.FC2Train()
+    train.setup("table3-784", method, "cpu")
+
+    assert torch.get_num_threads() == bench_flows.THREADS
+    assert train.time_train_batch("table3-784", method, "cpu") is None
+
+    # One warm-up step in setup, then the timed one.
+    assert next(train.steps) == 2
+
+    sample = bench_flows.FC2Sample()
+    sample.setup("table3-784", method, "cpu")
+
+    assert sample.time_sample("table3-784", method, "cpu") is None
+
+    # Both setups read the batches that the first one loaded.
+    assert sample.workload.batches is train.workload.batches
 
 
 def test_gap_zero_at_exact_inverse() -> None:
