@@ -2,10 +2,12 @@ r"""Training runs: fit a Table 3 flow to MNIST and measure its exact test likeli
 
 The settings are those of Keller et al., appendix A.3. Adam uses betas (0.9, 0.999), batch
 100 and learning rate 1e-4 for FC and 1e-3 for conv and Glow-like flows, warmed up linearly
-over the first 10 epochs. The reconstruction weight is 1, and 100 for Glow-like flows. A run stops after ``epochs``
-epochs or once its training time reaches ``budget_s``, whichever comes first. Training time
-counts every batch (dequantization, logit, forward, backward, optimizer step) and leaves out
-the validation passes, so two methods given the same budget get the same compute.
+over the first 10 epochs. The reconstruction weight is 1, and 100 for Glow-like flows.
+
+A run stops after ``epochs`` epochs or once its training time reaches ``budget_s``, whichever
+comes first. Training time counts every batch (dequantization, logit, forward, backward,
+optimizer step) and leaves out the validation passes, so two methods given the same budget
+get the same compute.
 
 A run folder holds:
 
@@ -354,7 +356,11 @@ def _resume(
 ) -> RunState:
     checkpoint_path = settings.folder / "checkpoint.pt"
 
-    if settings.restart or not checkpoint_path.exists():
+    if settings.restart:
+        for name in ("checkpoint.pt", "best.pt", "history.json", "samples.pt"):
+            (settings.folder / name).unlink(missing_ok=True)
+
+    if not checkpoint_path.exists():
         return RunState()
 
     checkpoint = torch.load(checkpoint_path, map_location=settings.device, weights_only=False)
@@ -363,9 +369,9 @@ def _resume(
     for key, value in settings.identity().items():
         if stored.get(key) != value:
             raise ValueError(
-                f"run folder {str(settings.folder)!r} contains a run with {key}={stored.get(key)!r}, "
-                f"not {value!r}; pass the same settings to resume it, --restart to discard it, "
-                f"or --name NAME for a new run folder"
+                f"run folder {str(settings.folder)!r} contains a run with "
+                f"{key}={stored.get(key)!r}, not {value!r}; pass the same settings to resume "
+                f"it, --restart to discard it, or --name NAME for a new run folder"
             )
 
     flow.load_state_dict(checkpoint["model"])

@@ -209,3 +209,40 @@ def test_warmup_rises_linearly_to_full_rate() -> None:
     factors = [train._warmup_factor(step, 4) for step in range(6)]
 
     assert factors == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_cli_trains_on_embedded_digits(tmp_path, capsys) -> None:
+    from bench.cli import main
+
+    status = main(["train", "fc2", "--epochs", "1", "--threads", "1", "--runs", str(tmp_path)])
+    printed = capsys.readouterr()
+    result = json.loads((tmp_path / "fc2-snf-seed0" / "result.json").read_text())
+
+    assert status == 0
+    assert printed.out.strip() == str(tmp_path / "fc2-snf-seed0" / "result.json")
+    assert "test NLL" in printed.err
+    assert result["data"] == "mnist-embedded"
+    assert result["train_images"] == 3000
+    assert result["test_images"] == 1000
+    assert result["steps"] == 30
+
+
+def test_cli_reports_divergence(tmp_path, small_splits, capsys) -> None:
+    from bench.cli import EXIT_DIVERGED, main
+
+    arguments = ["train", "fc2", "--runs", str(tmp_path), "--max-reconstruction", "1e-12"]
+    status = main(arguments)
+    message = capsys.readouterr().err
+
+    assert status == EXIT_DIVERGED
+    assert "snf-bench: diverged: the reconstruction error is" in message
+    assert "no epoch finished, so there is no checkpoint" in message
+
+
+def test_cli_rejects_method_of_other_model(capsys) -> None:
+    from bench.cli import EXIT_USAGE, main
+
+    status = main(["train", "conv9", "--method", "relative"])
+
+    assert status == EXIT_USAGE
+    assert "unknown method 'relative' for model 'conv9'" in capsys.readouterr().err
