@@ -16,13 +16,15 @@ the interruption and can resume by skipping the keys from :func:`case_key`.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import json
 import os
 import platform
 import re
 import subprocess
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,7 +62,9 @@ REQUIRED_KEYS = (
     "machine",
 )
 
-_LABEL_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A label becomes part of a file name, so it starts with a letter or digit (never "." or "..")
+# and has no path separator.
+_LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 _GIT_TIMEOUT_S = 10
 
@@ -146,11 +150,12 @@ def _slug(text: str) -> str:
 
 
 def validate_label(label: str) -> str:
-    """Return ``label`` if it is 1-64 letters, digits, ``.``, ``_`` or ``-``, else raise."""
+    """Return ``label`` if it is 1-64 letters, digits, ``.``, ``_`` or ``-`` starting with a
+    letter or digit, else raise ValueError."""
     if not isinstance(label, str) or not _LABEL_PATTERN.fullmatch(label):
         raise ValueError(
             f"machine label {label!r} is invalid; use 1-64 characters from letters, digits, "
-            "'.', '_' and '-'"
+            "'.', '_' and '-', starting with a letter or digit"
         )
 
     return label
@@ -165,8 +170,8 @@ def machine_info(device: torch.device | str, label: str | None = None) -> dict:
 
     Arguments:
         device: The measured device. GPU fields are None unless it is a CUDA device.
-        label: A machine label of 1-64 letters, digits, ``.``, ``_`` or ``-``, or None
-            to derive one from the hardware.
+        label: A machine label of 1-64 letters, digits, ``.``, ``_`` or ``-`` that starts
+            with a letter or digit, or None to derive one from the hardware.
 
     Returns:
         A flat dict with ``label``, ``cpu``, ``cores``, ``torch``, ``cuda``,
@@ -321,12 +326,16 @@ def append_record(path: str | Path, record: dict) -> None:
 
     The full line goes to the file in a single ``os.write`` on a descriptor opened with
     ``O_APPEND``, followed by ``fsync``, so an interruption keeps every earlier row. When
-    the file's last row lacks its newline (a writer died mid-row), a newline is written
-    first so that the damaged row stays on its own line.
+    the file's last row lacks its newline because a writer died mid-row, that partial row is
+    cut off if it is not valid JSON (it can never be read as a record, and
+    :func:`read_records` ignores it), and a newline is written first if it is valid JSON.
+    Either way the new row starts on a line of its own.
 
     Note:
-        Concurrent appends by several processes do not interleave on local Linux file
-        systems, but NFS gives no such guarantee.
+        Writers hold an exclusive ``flock`` on the file while they check its end and append,
+        so that one does not cut off another's row in progress. The lock is advisory, so it
+        covers writers that use this function only. Concurrent appends by several processes
+        do not interleave on local Linux file systems, but NFS gives no such guarantee.
 
     Raises:
         ResultsError: When the folder or file cannot be created or written.
@@ -344,8 +353,13 @@ def append_record(path: str | Path, record: dict) -> None:
         raise ResultsError(_write_failure(path, error)) from None
 
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
-        if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
+        start, tail = _last_line(fd, size)
+
+        if tail and not _is_json(tail):
+            os.ftruncate(fd, start)
+        elif tail:
             data = b"\n" + data
 
         written = os.write(fd, data)
@@ -368,6 +382,36 @@ def append_record(path: str | Path, record: dict) -> None:
     # A new file's directory entry is durable only once its folder is synced too.
     if created:
         _fsync_folder(path.parent)
+
+
+def _last_line(fd: int, size: int) -> tuple[int, bytes]:
+    """Return the offset and bytes of the text after the file's last newline (empty if none)."""
+    end = size
+    tail = b""
+
+    # Read backwards in blocks, because a row is a few KiB and a file can be large.
+    while end > 0:
+        start = max(0, end - 65536)
+        block = os.pread(fd, end - start, start)
+        newline = block.rfind(b"\n")
+
+        if newline >= 0:
+            tail = block[newline + 1 :] + tail
+            return start + newline + 1, tail
+
+        tail = block + tail
+        end = start
+
+    return 0, tail
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+    return True
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -432,22 +476,34 @@ def _parse_line(text: str, where: str) -> dict:
     return record
 
 
-def read_records(paths: str | Path | Iterable[str | Path]) -> list[dict]:
+def _warn_stderr(message: str) -> None:
+    print(f"snf-bench: warning: {message}", file=sys.stderr, flush=True)
+
+
+def read_records(
+    paths: str | Path | Iterable[str | Path], warn: Callable[[str], None] | None = None
+) -> list[dict]:
     r"""Read every record from result files and folders.
 
     Folders are searched recursively for ``*.jsonl`` files, in sorted path order. Blank
-    lines are skipped.
+    lines are skipped. A file's last line that has no newline and is not valid JSON is the
+    partial row of an interrupted write: it is skipped with a warning, and the next
+    :func:`append_record` to that file cuts it off.
 
     Arguments:
         paths: One path or several, each a file or a folder.
+        warn: Receives the one-line warning of each skipped partial row; by default it is
+            printed to stderr.
 
     Raises:
-        ResultsError: When a path is missing or unreadable, or a line is not valid JSON,
-            is not a record, lacks a required key or has another schema version. The
-            message names the file and line.
+        ResultsError: When a path is missing or unreadable, or a line other than such a
+            partial last row is not valid JSON, is not a record, lacks a required key or has
+            another schema version. The message names the file and line.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+
+    warn = _warn_stderr if warn is None else warn
 
     records = []
 
@@ -460,6 +516,15 @@ def read_records(paths: str | Path | Iterable[str | Path]) -> list[dict]:
                 raise ResultsError(
                     f"cannot read {file}: {reason}; check its permissions"
                 ) from None
+
+            # Splitting on newlines leaves b"" last exactly when the file ends with one.
+            if lines[-1].strip() and not _is_json(lines[-1]):
+                warn(
+                    f"{file}:{len(lines)}: skipped a partial last row ({len(lines[-1])} bytes "
+                    "without a newline, not valid JSON) left by an interrupted write; the next "
+                    "append to this file removes it"
+                )
+                lines = lines[:-1]
 
             for number, raw in enumerate(lines, start=1):
                 where = f"{file}:{number}"

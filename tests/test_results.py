@@ -123,10 +123,84 @@ def test_append_after_half_row(tmp_path: Path) -> None:
     append_record(path, record(dim=2))
 
     lines = path.read_text().splitlines()
-    assert len(lines) == 3
-    assert json.loads(lines[2])["case"]["dim"] == 2
+    assert len(lines) == 2
+    assert path.read_text().endswith("\n")
+    assert [row["case"]["dim"] for row in read_records(path)] == [1, 2]
+
+
+def test_append_after_long_half_row(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    append_record(path, record(dim=1))
+    first = path.read_bytes()
+
+    # Longer than one 64 KiB block of the backward search for the last newline.
+    with open(path, "a") as f:
+        f.write('{"schema": 1, "pad": "' + "x" * 70_000)
+    append_record(path, record(dim=2))
+
+    assert path.read_bytes().startswith(first + b"{")
+    assert [row["case"]["dim"] for row in read_records(path)] == [1, 2]
+
+
+def test_append_after_unterminated_row(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    path.write_text(json.dumps(record(dim=1)))
+
+    append_record(path, record(dim=2))
+
+    assert path.read_text().count("\n") == 2
+    assert [row["case"]["dim"] for row in read_records(path)] == [1, 2]
+
+
+def test_read_skips_partial_last_row(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    path.write_text(json.dumps(record(dim=1)) + "\n" + '{"schema": 1, "ti')
+    warnings = []
+
+    rows = read_records(path, warn=warnings.append)
+
+    assert [row["case"]["dim"] for row in rows] == [1]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"{path}:2: skipped a partial last row (17 bytes")
+    assert "\n" not in warnings[0]
+
+
+def test_read_partial_row_warns_stderr(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "run.jsonl"
+    path.write_bytes(json.dumps(record()).encode() + b"\n" + '{"case": "gr\u00fc'.encode()[:-1])
+
+    rows = read_records(path)
+    err = capsys.readouterr().err
+
+    assert len(rows) == 1
+    assert err.startswith(f"snf-bench: warning: {path}:2: skipped a partial last row")
+    assert err.count("\n") == 1
+
+
+def test_read_unterminated_valid_row(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    path.write_text(json.dumps(record(dim=1)) + "\n" + json.dumps(record(dim=2)))
+    warnings = []
+
+    rows = read_records(path, warn=warnings.append)
+
+    assert [row["case"]["dim"] for row in rows] == [1, 2]
+    assert warnings == []
+
+
+def test_read_invalid_terminated_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    path.write_text(json.dumps(record()) + "\n" + '{"schema": 1, "ti\n')
 
     with pytest.raises(ResultsError, match=f"^{re.escape(str(path))}:2: not valid JSON"):
+        read_records(path)
+
+
+def test_read_partial_row_not_last(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    path.write_text('{"schema": 1, "ti\n' + json.dumps(record()))
+
+    with pytest.raises(ResultsError, match=f"^{re.escape(str(path))}:1: not valid JSON"):
         read_records(path)
 
 
@@ -264,19 +338,22 @@ def test_case_key_resumes_from_file(tmp_path: Path) -> None:
     assert case_key(record(dim=128)) not in done
 
 
-@pytest.mark.parametrize("label", ["lab-gpu_1.a", "a" * 64, "X"])
+@pytest.mark.parametrize("label", ["lab-gpu_1.a", "a" * 64, "X", "7", "a..b"])
 def test_machine_label_valid(label: str) -> None:
     assert machine_info("cpu", label=label)["label"] == label
 
 
-@pytest.mark.parametrize("label", ["", "a" * 65, "has space", "grün", "a/b", "x;rm"])
+@pytest.mark.parametrize(
+    "label",
+    ["", "a" * 65, "has space", "grün", "a/b", "x;rm", ".", "..", "../x", "a\\b", ".hidden", "-x"],
+)
 def test_machine_label_invalid(label: str) -> None:
     with pytest.raises(ValueError) as caught:
         machine_info("cpu", label=label)
 
     message = str(caught.value)
     assert repr(label) in message
-    assert "letters, digits, '.', '_' and '-'" in message
+    assert "letters, digits, '.', '_' and '-', starting with a letter or digit" in message
 
 
 def test_machine_info_cpu() -> None:
