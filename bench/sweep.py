@@ -52,9 +52,22 @@ class SweepSettings:
 
 
 def select_cases(settings: SweepSettings) -> list[Case]:
-    """Return the preset's cases on the sweep's device, limited by ``dims`` and ``max_dim``."""
+    """Return the preset's cases on the sweep's device, limited by ``dims`` and ``max_dim``.
+
+    Raises:
+        ValueError: When ``dims`` lists a D more than once, which would measure a case twice.
+    """
 
     make_cases = PRESETS[settings.preset]
+
+    if settings.dims is not None:
+        duplicates = sorted({dim for dim in settings.dims if settings.dims.count(dim) > 1})
+
+        if duplicates:
+            raise ValueError(
+                f"dims {list(settings.dims)} repeat D {', '.join(map(str, duplicates))}; "
+                "list each dimension once"
+            )
 
     if settings.preset in ("table2", "table3"):
         data = "mnist" if settings.data_root else "mnist-embedded"

@@ -1,3 +1,4 @@
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import torch
 
 from bench.cli import main
 from bench.results import read_records
+from bench.sweep import SweepSettings, select_cases
 
 FAST = ["--budget", "0.3", "--label", "test-machine"]
 
@@ -172,7 +174,13 @@ def test_table2_on_embedded_digits(tmp_path: Path, capsys: pytest.CaptureFixture
         (["sweep", "figure3", "--budget", "0"], "must be a positive number, got 0"),
         (["sweep", "figure3", "--device", "tpu"], "--device 'tpu'"),
         (["sweep", "table2", "--dims", "32"], "--dims applies to preset figure3 only"),
+        (["sweep", "figure3", "--dims", "32,64,32"], "duplicate D 32 in '32,64,32'"),
+        (["sweep", "figure3", "--dims", "64,64,32,32"], "duplicate D 32, 64 in"),
+        (["sweep", "figure3", "--data", "mnist"], "--data applies to presets table2 and table3"),
         (["sweep", "figure3", "--label", "a b"], "a b"),
+        (["sweep", "figure3", "--label", ".."], "machine label '..' is invalid"),
+        (["sweep", "figure3", "--label", "../x"], "starting with a letter or digit"),
+        (["sweep", "figure3", "--label", "a/b"], "from letters, digits, '.', '_' and '-'"),
         (["sweep", "figure3", "--methods", "snf,fast"], "invalid value 'fast'"),
         (["sweep", "figure3", "--max-dim", "1"], "no figure3 case matches the options"),
         (["report", "--results", "absent-folder"], "'absent-folder' does not exist"),
@@ -189,6 +197,52 @@ def test_invalid_input_one_line(
     assert message in err
     assert err.startswith("snf-bench: error: ")
     assert err.count("\n") == 1
+
+
+def test_version_printed(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+
+    assert caught.value.code == 0
+    assert capsys.readouterr().out == f"snf-bench {importlib.metadata.version('snf-bench')}\n"
+
+
+def test_table3_accepts_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # The table3 cases load MNIST from the folder, so an absent folder fails at loading.
+    status, _, err = run_cli(
+        "sweep",
+        "table3",
+        "--data",
+        str(tmp_path / "absent"),
+        "--models",
+        "fc2",
+        "--methods",
+        "snf",
+        "--skip-memory",
+        "--results",
+        str(tmp_path / "results"),
+        *FAST,
+        capsys=capsys,
+    )
+
+    assert status == 2
+    assert f"MNIST folder {str(tmp_path / 'absent')!r} does not exist" in err
+
+
+def test_table3_data_cases_use_folder() -> None:
+    settings = SweepSettings(preset="table3", results=Path("unused"), data_root="mnist")
+
+    cases = select_cases(settings)
+
+    assert len(cases) == 9
+    assert {case.data for case in cases} == {"mnist"}
+
+
+def test_select_cases_rejects_duplicate_dims() -> None:
+    settings = SweepSettings(preset="figure3", results=Path("unused"), dims=(32, 64, 32))
+
+    with pytest.raises(ValueError, match=r"dims \[32, 64, 32\] repeat D 32; list each"):
+        select_cases(settings)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
