@@ -297,6 +297,38 @@ def test_corrupt_results_line_keeps_file(
     assert copy.read_bytes() == before
 
 
+def test_sweep_resumes_after_partial_row(
+    figure3_results: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = next(figure3_results.glob("*.jsonl"))
+    copy = tmp_path / source.name
+    lines = source.read_text().splitlines()
+    # An interrupted write of the last record: its first 40 bytes and no newline.
+    copy.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])
+
+    status, _, err = run_cli(
+        "sweep",
+        "figure3",
+        "--dims",
+        "32,64",
+        "--threads",
+        "1",
+        "--skip-memory",
+        "--results",
+        str(tmp_path),
+        *FAST,
+        capsys=capsys,
+    )
+    warnings = []
+    records = read_records(copy, warn=warnings.append)
+
+    assert status == 0
+    assert f"snf-bench: warning: {copy}:{len(lines)}: skipped a partial last row" in err
+    assert len(records) == len(lines)
+    assert warnings == []
+    assert copy.read_text().endswith("\n")
+
+
 def test_module_entry_point_help() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench", "sweep", "--help"], capture_output=True, text=True
