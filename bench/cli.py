@@ -28,6 +28,7 @@ from bench.compare import (
 from bench.report import NOISY_CV, write_reports
 from bench.results import ResultsError, read_records, validate_label
 from bench.sweep import METRICS, SweepSettings, run_sweep
+from bench.table1 import find_runs, write_training_reports
 from bench.timing import PROTOCOLS
 from bench.train import TRAIN_MODELS, TrainingDiverged, TrainSettings, run_training
 from snf_core.data import DataError
@@ -259,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report",
         help="render Markdown tables and plots from result files",
-        description="Render table2.md, figure3.md, figure3.png and figure3.svg from result "
-        "files alone.",
+        description="Render table2.md, table3.md, figure3.md, figure3.png and figure3.svg from "
+        "result files alone, and table1.md, figure4.png and samples.png from the training run "
+        "folders (snf-bench train) found under the same paths.",
     )
     report.add_argument(
         "--results",
@@ -553,15 +555,17 @@ def _report(args: argparse.Namespace) -> int:
         )
 
     records = read_records(args.results)
+    runs = find_runs(args.results)
 
-    if not records:
+    if not records and not runs:
         raise UsageError(
-            f"no result records under {', '.join(map(str, args.results))}; "
-            f"run 'snf-bench sweep table2' first"
+            f"no result records or training runs under {', '.join(map(str, args.results))}; "
+            f"run 'snf-bench sweep table2' or 'snf-bench train fc2' first"
         )
 
     try:
-        paths = write_reports(records, args.out)
+        paths = write_reports(records, args.out) if records else []
+        paths += write_training_reports(runs, args.out)
     except OSError as error:
         raise UsageError(
             f"cannot write reports to {str(args.out)!r} ({error.strerror}); "
@@ -570,7 +574,8 @@ def _report(args: argparse.Namespace) -> int:
 
     if not paths:
         raise UsageError(
-            "the result records hold no table2, table3 or figure3 measurements to report"
+            "the result records hold no table2, table3 or figure3 measurements and no finished "
+            "training run to report"
         )
 
     for path in paths:

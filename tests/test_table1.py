@@ -1,0 +1,119 @@
+import json
+import statistics
+
+import pytest
+import torch
+
+from bench import train
+from bench.cli import main
+from bench.results import ResultsError
+from bench.table1 import find_runs, table1_markdown, write_training_reports
+from bench.train import Splits, TrainSettings, run_training
+from snf_core.data import load_embedded_mnist
+
+
+@pytest.fixture(scope="module")
+def runs_folder(tmp_path_factory: pytest.TempPathFactory):
+    """Five short FC runs on 300 embedded digits: SNF and exact with two seeds each under one
+    budget, and one SNF run under another budget."""
+
+    folder = tmp_path_factory.mktemp("runs")
+    images, _ = load_embedded_mnist()
+    splits = Splits(images[:300], images[300:400], images[400:500], "mnist-embedded")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "load_splits", lambda data_root: splits)
+
+        for method, seed, budget in (
+            ("snf", 0, 60.0),
+            ("snf", 1, 60.0),
+            ("exact", 0, 60.0),
+            ("exact", 1, 60.0),
+            ("snf", 0, 30.0),
+        ):
+            settings = TrainSettings(
+                model="fc2",
+                method=method,
+                seed=seed,
+                epochs=2,
+                budget_s=budget,
+                runs=folder,
+                name=f"{method}-{seed}-{budget:g}",
+                threads=1,
+            )
+            run_training(settings, lambda line: None)
+
+    return folder
+
+
+def read_result(folder, name: str) -> dict:
+    return json.loads((folder / name / "result.json").read_text())
+
+
+def test_row_averages_seeds(runs_folder) -> None:
+    markdown = table1_markdown(find_runs([runs_folder]))
+    values = [read_result(runs_folder, f"snf-{seed}-60")["test_nll"] for seed in (0, 1)]
+    expected = f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+    row = next(line for line in markdown.splitlines() if line.startswith("| FC 2-layer | SNF | 2"))
+
+    assert f"| {expected} |" in row
+    assert row.endswith("| 947.1 ± 0.2 |")
+
+
+def test_budgets_get_own_sections(runs_folder) -> None:
+    markdown = table1_markdown(find_runs([runs_folder]))
+
+    assert "; 60 s of training time each" in markdown
+    assert "; 30 s of training time each" in markdown
+    assert "| FC 2-layer | SNF | 1 |" in markdown
+
+
+def test_snf_excess_over_exact(runs_folder) -> None:
+    markdown = table1_markdown(find_runs([runs_folder]))
+    snf = statistics.fmean(read_result(runs_folder, f"snf-{s}-60")["test_nll"] for s in (0, 1))
+    exact = statistics.fmean(read_result(runs_folder, f"exact-{s}-60")["test_nll"] for s in (0, 1))
+
+    assert f"SNF mean test NLL {snf:.1f} against exact {exact:.1f}, " in markdown
+    assert f"{100 * (snf - exact) / exact:+.2f}%" in markdown
+
+
+def test_runs_table_gives_commands(runs_folder) -> None:
+    markdown = table1_markdown(find_runs([runs_folder]))
+
+    assert "`snf-bench train fc2 --method exact --seed 1 --budget 60 --threads 1`" in markdown
+
+
+def test_figures_are_written(runs_folder, tmp_path) -> None:
+    paths = write_training_reports(find_runs([runs_folder]), tmp_path)
+    names = sorted(path.name for path in paths)
+
+    assert names == ["figure4.png", "figure4.svg", "samples.png", "table1.md"]
+    assert (tmp_path / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "figure4.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_samples_of_snf_differ_little(runs_folder) -> None:
+    """Both inverses of the same weights map the same base samples to nearby pixels."""
+
+    samples = torch.load(runs_folder / "snf-0-60" / "samples.pt")
+    difference = (samples["learned"].float() - samples["exact"].float()).abs()
+
+    assert samples["learned"].shape == (64, 784)
+    assert difference.mean().item() < 16.0
+
+
+def test_report_command_renders_runs(runs_folder, tmp_path, capsys) -> None:
+    status = main(["report", "--results", str(runs_folder), "--out", str(tmp_path)])
+    printed = capsys.readouterr().out.split()
+
+    assert status == 0
+    assert str(tmp_path / "table1.md") in printed
+
+
+def test_unreadable_result_is_named(tmp_path) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "result.json").write_text("{")
+
+    with pytest.raises(ResultsError, match="training run '.*broken' is unreadable"):
+        find_runs([tmp_path])
