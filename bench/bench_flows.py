@@ -172,12 +172,13 @@ class GlowTrain(_Glow, _FlowTrain):
     # about 40 s, and the 3 samples take about 100 s.
     repeat = (3, 5, 180.0)
 
-    # One process: a second would double the 3 to 4 minutes that each method takes.
+    # One process: a second would double the 2 to 4 minutes that each method takes.
     processes = 1
 
-    # A process runs about 3.5 minutes on a quiet 2-core VM: 180 s of samples, the one that
-    # ends past them and the first setup. 600 s leaves room for a machine twice as slow, and
-    # also covers peakmem_train_batch (one setup and one step).
+    # A process runs at most about 3.5 minutes with 20-s steps: the first setup, 180 s of
+    # samples and the one that ends past them. The SNF flow's took 141 s under asv on the VM,
+    # with 13-s steps. 600 s leaves room for a machine twice as slow, and also covers
+    # peakmem_train_batch (one setup and one step).
     timeout = 600.0
 
 
