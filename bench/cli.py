@@ -641,7 +641,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     _check_device(args.device)
-    _check_writable(args.runs)
     settings = TrainSettings(
         model=args.model,
         method=args.method,
@@ -661,6 +660,7 @@ def _train(args: argparse.Namespace) -> int:
         label=args.label,
         restart=args.restart,
     )
+    _check_writable(args.runs)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

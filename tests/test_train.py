@@ -239,10 +239,12 @@ def test_cli_reports_divergence(tmp_path, small_splits, capsys) -> None:
     assert "no epoch finished, so there is no checkpoint" in message
 
 
-def test_cli_rejects_method_of_other_model(capsys) -> None:
+def test_cli_rejects_method_of_other_model(tmp_path, capsys) -> None:
     from bench.cli import EXIT_USAGE, main
 
-    status = main(["train", "conv9", "--method", "relative"])
+    runs = tmp_path / "runs"
+    status = main(["train", "conv9", "--method", "relative", "--runs", str(runs)])
 
     assert status == EXIT_USAGE
     assert "unknown method 'relative' for model 'conv9'" in capsys.readouterr().err
+    assert not runs.exists()
