@@ -80,7 +80,9 @@ def test_snf_excess_over_exact(runs_folder) -> None:
 def test_runs_table_gives_commands(runs_folder) -> None:
     markdown = table1_markdown(find_runs([runs_folder]))
 
-    assert "`snf-bench train fc2 --method exact --seed 1 --budget 60 --threads 1`" in markdown
+    command = "snf-bench train fc2 --method exact --seed 1 --budget 60 --threads 1"
+
+    assert f"`{command} --name exact-1-60`" in markdown
 
 
 def test_figures_are_written(runs_folder, tmp_path) -> None:
