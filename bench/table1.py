@@ -240,7 +240,7 @@ def _runs_section(runs: Sequence[Run]) -> list[str]:
         "## Runs",
         "",
         "| Run folder | Test NLL (nats) | Train time (s) | Epochs | Best validation NLL "
-        "| Max pixel difference, learned vs exact inverse | Command |",
+        "| Learned vs exact inverse, mean (max) pixel difference | Command |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
 
@@ -249,17 +249,33 @@ def _runs_section(runs: Sequence[Run]) -> list[str]:
         lines.append(
             f"| `{run.folder.name}` | {result['test_nll']:.1f} ± {result['test_nll_sem']:.1f} "
             f"| {result['train_time_s']:.0f} | {result['epochs']:.1f} "
-            f"| {result['best_validation_nll']:.1f} | {result['sample_max_abs_difference']:.1f} "
+            f"| {result['best_validation_nll']:.1f} | {_sample_difference(run)} "
             f"| `{_command(run)}` |"
         )
 
     lines += [
         "",
         "The ± of a run is the standard error of its mean over the test images. Train time "
-        "counts the training batches only, not the validation passes.",
+        "counts the training batches only, not the validation passes. The pixel difference "
+        "compares the 64 samples of the best weights drawn through the learned inverses with "
+        "the same base draws through the exact inverses, in 0-255 pixel values; it is 0 for "
+        "flows without learned inverses.",
     ]
 
     return lines
+
+
+def _sample_difference(run: Run) -> str:
+    path = run.folder / "samples.pt"
+    maximum = run.result["sample_max_abs_difference"]
+
+    if not path.exists():
+        return f"— ({maximum:.1f})"
+
+    samples = torch.load(path)
+    difference = (samples["learned"].double() - samples["exact"].double()).abs()
+
+    return f"{difference.mean().item():.2f} ({maximum:.1f})"
 
 
 def plot_figure4(runs: Sequence[Run], stem: Path) -> list[Path]:
