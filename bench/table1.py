@@ -226,10 +226,17 @@ def _snf_comparison(means: dict[tuple, float]) -> list[str]:
 
         snf, exact = means[(model, "snf")], means[(model, "exact")]
         excess = (snf - exact) / exact
-        verdict = "within" if excess <= SNF_TOLERANCE else "outside"
+
+        if excess <= 0:
+            verdict = "SNF is lower, so better"
+        elif excess <= SNF_TOLERANCE:
+            verdict = f"within the {100 * SNF_TOLERANCE:.0f}% tolerance"
+        else:
+            verdict = f"outside the {100 * SNF_TOLERANCE:.0f}% tolerance"
+
         lines.append(
             f"- {MODEL_NAMES[model]}: SNF mean test NLL {snf:.1f} against exact {exact:.1f}, "
-            f"{100 * excess:+.2f}% ({verdict} the {100 * SNF_TOLERANCE:.0f}% tolerance)."
+            f"{100 * excess:+.2f}% ({verdict})."
         )
 
     return lines
