@@ -67,8 +67,8 @@ def _positive_float(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
 
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text}")
 
     return value
 
@@ -139,6 +139,14 @@ def _choices(valid: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
         return values
 
     return parse
+
+
+def _run_name(text: str) -> str:
+    try:
+        return validate_label(text)
+    except ValueError as error:
+        reason = str(error).replace("machine label", "run name")
+        raise argparse.ArgumentTypeError(reason) from None
 
 
 def _label(text: str) -> str:
@@ -289,7 +297,9 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         description="Train a flow with Adam and a linear learning-rate warm-up, validate it "
         "every epoch, keep the weights with the best validation NLL, and score them on the "
         "test set in nats per image and bits per dimension. Rerunning the same command "
-        "resumes from the last finished epoch.",
+        "resumes from the last finished epoch. The objective printed per epoch leaves out the "
+        "preprocessing log-determinant and those of self-normalizing layers, so compare "
+        "methods by the validation NLL.",
     )
     train.add_argument("model", choices=TRAIN_MODELS, help="the flow to train")
     train.add_argument(
@@ -365,7 +375,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="parent folder of run folders (default: runs)",
     )
     train.add_argument(
-        "--name", type=_label, help="run folder name (default: MODEL-METHOD-seedSEED)"
+        "--name", type=_run_name, help="run folder name (default: MODEL-METHOD-seedSEED)"
     )
     train.add_argument(
         "--label",
@@ -487,7 +497,12 @@ def _check_device(device: str) -> None:
         )
 
 
-def _check_writable(folder: Path) -> None:
+def _check_writable(folder: Path, option: str = "--results") -> None:
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(
+            f"{option} {str(folder)!r} is a file, not a folder; choose a folder with {option} DIR"
+        )
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".snf-bench-write-test"
@@ -495,8 +510,8 @@ def _check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as error:
         raise UsageError(
-            f"results folder {str(folder)!r} is not writable ({error.strerror}); "
-            f"choose a writable folder with --results DIR"
+            f"{option} folder {str(folder)!r} is not writable ({error.strerror}); "
+            f"choose a writable folder with {option} DIR"
         ) from None
 
 
@@ -660,7 +675,7 @@ def _train(args: argparse.Namespace) -> int:
         label=args.label,
         restart=args.restart,
     )
-    _check_writable(args.runs)
+    _check_writable(args.runs, "--runs")
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -40,6 +40,9 @@ METHOD_NAMES = {
 }
 METHOD_ORDER = ("snf", "exact", "relative", "emerging", "convexp")
 
+# The reconstruction weight λ of each self-normalizing model in Keller et al., appendix A.3.
+SNF_WEIGHTS = {"fc2": 1.0, "conv9": 1.0, "glow": 100.0}
+
 # The SNF model's test NLL may exceed the exact model's by this fraction under one budget.
 SNF_TOLERANCE = 0.02
 
@@ -57,8 +60,9 @@ class Run:
         """The settings that runs of one table row share: all but the seed."""
 
         result = self.result
+        weight = result.get("reconstruction_weight")
 
-        return (result["model"], result["method"], result["data"], result["budget_s"])
+        return (result["model"], result["method"], result["data"], result["budget_s"], weight)
 
 
 def find_runs(paths: Iterable[Path]) -> list[Run]:
@@ -77,16 +81,74 @@ def find_runs(paths: Iterable[Path]) -> list[Run]:
             try:
                 result = json.loads(file.read_text())
                 history = json.loads((file.parent / "history.json").read_text())
+                _check_result(result, history)
             except (OSError, ValueError) as error:
                 raise ResultsError(
-                    f"training run {str(file.parent)!r} is unreadable ({error}); rerun its "
-                    f"snf-bench train command or move the folder out of the results"
+                    f"training run file {str(file)!r} is unreadable or incomplete ({error}); "
+                    f"rerun its snf-bench train command or move the folder out of the results"
                 ) from None
 
-            if result.get("kind") == "train":
-                runs.append(Run(file.parent, result, history))
+            runs.append(Run(file.parent, result, history))
+
+    _check_seeds(runs)
 
     return sorted(runs, key=lambda run: str(run.folder))
+
+
+# The fields of result.json that the reports read, and the check each must pass.
+_FINITE = ("test_nll", "test_nll_sem", "test_bpd", "epochs", "steps", "train_time_s")
+_FINITE += ("best_epoch", "best_validation_nll", "sample_max_abs_difference", "threads")
+
+
+def _check_result(result: object, history: object) -> None:
+    """Raise ValueError naming the first field of a run that the reports cannot use."""
+
+    if not isinstance(result, dict) or result.get("kind") != "train":
+        raise ValueError("not a training result: its 'kind' is not 'train'")
+
+    if result.get("model") not in MODEL_NAMES:
+        raise ValueError(f"model {result.get('model')!r} is not one of {', '.join(MODEL_NAMES)}")
+
+    if result.get("method") not in METHOD_NAMES:
+        raise ValueError(
+            f"method {result.get('method')!r} is not one of {', '.join(METHOD_NAMES)}"
+        )
+
+    for key in ("seed", "data", "machine", "device", "train_images"):
+        if key not in result:
+            raise ValueError(f"field {key!r} is missing")
+
+    for key in _FINITE:
+        value = result.get(key)
+
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"field {key!r} is {value!r}, not a finite number")
+
+    budget = result.get("budget_s")
+
+    if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget)):
+        raise ValueError(f"field 'budget_s' is {budget!r}, not a finite number or null")
+
+    if not isinstance(history, list) or not history:
+        raise ValueError("history.json has no validation entries")
+
+
+def _check_seeds(runs: Sequence[Run]) -> None:
+    """Raise ResultsError when two runs of one table row share a seed."""
+
+    seen: dict[tuple, Run] = {}
+
+    for run in runs:
+        key = (*run.group, run.result["seed"])
+
+        if key in seen:
+            raise ResultsError(
+                f"training runs {str(seen[key].folder)!r} and {str(run.folder)!r} are both seed "
+                f"{run.result['seed']} of the same model, method, data and budget, so a row "
+                f"would count one seed twice; move one of them out of the results"
+            )
+
+        seen[key] = run
 
 
 def _groups(runs: Sequence[Run]) -> dict[tuple, list[Run]]:
@@ -96,12 +158,26 @@ def _groups(runs: Sequence[Run]) -> dict[tuple, list[Run]]:
         groups.setdefault(run.group, []).append(run)
 
     def order(key: tuple) -> tuple:
-        model, method, data, budget = key
+        model, method, data, budget, weight = key
         models = list(MODEL_NAMES)
+        position = (models.index(model), METHOD_ORDER.index(method), -(weight or 0.0))
 
-        return (data, budget or math.inf, models.index(model), METHOD_ORDER.index(method))
+        return (data, budget or math.inf, *position)
 
     return {key: groups[key] for key in sorted(groups, key=order)}
+
+
+def method_label(result: dict) -> str:
+    """Return the method's name, with the reconstruction weight where it is not the model's
+    default, such as ``SNF (λ = 0.1)``."""
+
+    name = METHOD_NAMES[result["method"]]
+    weight = result.get("reconstruction_weight")
+
+    if result["method"] == "snf" and weight != SNF_WEIGHTS[result["model"]]:
+        name += f" (λ = {weight:g})"
+
+    return name
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -196,7 +272,7 @@ def _settings_section(groups: dict[tuple, list[Run]], data: str, budget: float |
     ]
     means = {}
 
-    for (model, method, _, _), group in groups.items():
+    for (model, method, _, _, _), group in groups.items():
         results = [run.result for run in group]
         nll = _mean_std([result["test_nll"] for result in results])
         bpd = _mean_std([result["test_bpd"] for result in results])
@@ -205,9 +281,10 @@ def _settings_section(groups: dict[tuple, list[Run]], data: str, budget: float |
         best = statistics.fmean(result["best_epoch"] for result in results)
         paper = PAPER_TABLE1.get((model, method))
         paper_text = _format(*paper) if paper else "—"
-        means[(model, method)] = nll[0]
+        label = method_label(results[0])
+        means[(model, label)] = nll[0]
         lines.append(
-            f"| {MODEL_NAMES[model]} | {METHOD_NAMES[method]} | {len(group)} | {_format(*nll)} "
+            f"| {MODEL_NAMES[model]} | {label} | {len(group)} | {_format(*nll)} "
             f"| {_format(*bpd, digits=3)} | {epochs:.1f} | {steps:.0f} | {best:.1f} "
             f"| {paper_text} |"
         )
@@ -219,12 +296,13 @@ def _settings_section(groups: dict[tuple, list[Run]], data: str, budget: float |
 
 def _snf_comparison(means: dict[tuple, float]) -> list[str]:
     lines = []
+    exact_label = METHOD_NAMES["exact"]
 
-    for model in MODEL_NAMES:
-        if (model, "snf") not in means or (model, "exact") not in means:
+    for (model, label), snf in means.items():
+        if not label.startswith(METHOD_NAMES["snf"]) or (model, exact_label) not in means:
             continue
 
-        snf, exact = means[(model, "snf")], means[(model, "exact")]
+        exact = means[(model, exact_label)]
         excess = (snf - exact) / exact
 
         if excess <= 0:
@@ -235,8 +313,8 @@ def _snf_comparison(means: dict[tuple, float]) -> list[str]:
             verdict = f"outside the {100 * SNF_TOLERANCE:.0f}% tolerance"
 
         lines.append(
-            f"- {MODEL_NAMES[model]}: SNF mean test NLL {snf:.1f} against exact {exact:.1f}, "
-            f"{100 * excess:+.2f}% ({verdict})."
+            f"- {MODEL_NAMES[model]}: {label} mean test NLL {snf:.1f} against exact "
+            f"{exact:.1f}, {100 * excess:+.2f}% ({verdict})."
         )
 
     return lines
@@ -313,6 +391,7 @@ def plot_figure4(runs: Sequence[Run], stem: Path) -> list[Path]:
             == (model, data, budget)
         ]
         name = MODEL_NAMES[model] + (f", {budget:g} s budget" if budget is not None else "")
+        labelled: set[str] = set()
         tops = []
 
         for run in model_runs:
@@ -320,9 +399,12 @@ def plot_figure4(runs: Sequence[Run], stem: Path) -> list[Path]:
             times = [entry["train_time_s"] for entry in run.history]
             epochs = [entry["epoch"] for entry in run.history]
             values = [entry["validation_nll"] for entry in run.history]
-            label = METHOD_NAMES[method] if run.result["seed"] == 0 else None
+            method_name = method_label(run.result)
+            label = method_name if method_name not in labelled else None
+            labelled.add(method_name)
             width = 1.6 if method in ("snf", "exact") else 0.9
-            style = {"color": colors[method], "linewidth": width}
+            dashes = "--" if method_name != METHOD_NAMES[method] else "-"
+            style = {"color": colors[method], "linewidth": width, "linestyle": dashes}
 
             # Short runs have a few validation passes, so each one gets a marker.
             if len(values) < 20:

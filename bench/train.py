@@ -28,6 +28,7 @@ image of 0-255 pixels as in Table 1 of the paper.
 import json
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -129,8 +130,8 @@ class TrainSettings:
 
         if self.method not in TRAIN_METHODS[self.model]:
             raise ValueError(
-                f"unknown method {self.method!r} for model {self.model!r}; expected one of "
-                f"{TRAIN_METHODS[self.model]}"
+                f"unknown method {self.method!r} for model {self.model!r}; choose one of "
+                f"{', '.join(TRAIN_METHODS[self.model])}"
             )
 
         if self.epochs is None:
@@ -363,7 +364,7 @@ def _resume(
     if not checkpoint_path.exists():
         return RunState()
 
-    checkpoint = torch.load(checkpoint_path, map_location=settings.device, weights_only=False)
+    checkpoint = _load(checkpoint_path, settings.device)
     stored = checkpoint["identity"]
 
     for key, value in settings.identity().items():
@@ -380,6 +381,18 @@ def _resume(
     generator.set_state(checkpoint["generator"])
 
     return RunState(**checkpoint["state"])
+
+
+def _load(path: Path, device: str) -> dict:
+    """Read a checkpoint written by this module, with a clear error when it is damaged."""
+
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is unreadable ({error}); rerun with --restart to train "
+            f"again from the start"
+        ) from None
 
 
 def _progress_bar(total: int, description: str) -> object:
@@ -420,7 +433,13 @@ def run_training(settings: TrainSettings, progress: Progress) -> TrainOutcome:
     )
     generator = torch.Generator().manual_seed(settings.seed)
     state = _resume(settings, flow, optimizer, schedule, generator)
-    (folder / "result.json").unlink(missing_ok=True)
+    budget = math.inf if settings.budget_s is None else settings.budget_s
+
+    # A finished run keeps its result until the new one replaces it; a run that trains on
+    # drops it first, so that a diverged continuation leaves no stale result behind.
+    if state.epoch < settings.epochs and state.train_time_s < budget:
+        (folder / "result.json").unlink(missing_ok=True)
+
     _write_json({**asdict(settings), "runs": str(settings.runs)}, folder / "settings.json")
 
     if state.epoch > 0:
@@ -428,8 +447,6 @@ def run_training(settings: TrainSettings, progress: Progress) -> TrainOutcome:
             f"resuming {folder} after epoch {state.epoch} ({state.train_time_s:.0f} s of "
             f"training, best validation NLL {state.best_validation_nll:.2f})"
         )
-
-    budget = math.inf if settings.budget_s is None else settings.budget_s
 
     while state.epoch < settings.epochs and state.train_time_s < budget:
         order = torch.randperm(splits.train.shape[0], generator=generator)
@@ -507,7 +524,7 @@ def run_training(settings: TrainSettings, progress: Progress) -> TrainOutcome:
         )
         _write_json(state.history, folder / "history.json")
         progress(
-            f"epoch {epoch:.2f}: {state.train_time_s:.0f} s, loss {entry['train_loss']:.2f}, "
+            f"epoch {epoch:.2f}: {state.train_time_s:.0f} s, objective {entry['train_loss']:.2f}, "
             f"validation NLL {validation_nll:.2f} nats ({entry['validation_bpd']:.3f} bits/dim)"
             + (
                 f", reconstruction {entry['reconstruction_error']:.3g}"
@@ -525,7 +542,7 @@ def run_training(settings: TrainSettings, progress: Progress) -> TrainOutcome:
 def _finish(settings: TrainSettings, flow: Flow, splits: Splits, state: RunState) -> dict:
     """Score the best weights on the test set, draw samples, write ``result.json``."""
 
-    flow.load_state_dict(torch.load(settings.folder / "best.pt", map_location=settings.device))
+    flow.load_state_dict(_load(settings.folder / "best.pt", settings.device))
     test = evaluate_nll(flow, splits.test, TEST_NOISE_SEED, settings.device)
     test_nll, test_sem = _mean_and_sem(test)
     samples = draw_samples(flow)

@@ -58,13 +58,29 @@ def load_mnist_folder(root: str | Path, train: bool = True) -> tuple[Tensor, Ten
 
     root = Path(root)
 
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"MNIST path {str(root)!r} is a file, not a folder; pass the folder that contains "
+            f"MNIST/raw, or omit it to use the 5,000 embedded digits"
+        )
+
     if not root.is_dir():
         raise DataError(
             f"MNIST folder {str(root)!r} does not exist; pass the folder that contains "
             f"MNIST/raw, or omit it to use the 5,000 embedded digits"
         )
 
-    _check_split_files(root / "MNIST" / "raw", train)
+    raw = root / "MNIST" / "raw"
+    missing = [name for name in _SPLIT_FILES[train] if not (raw / name).is_file()]
+
+    if missing:
+        raise DataError(
+            f"MNIST file {str(raw / missing[0])!r} not found; the folder must contain "
+            f"MNIST/raw with the four idx files, as written by "
+            f"torchvision.datasets.MNIST(root, download=True), and nothing is downloaded here"
+        )
+
+    _check_split_files(raw, train)
 
     try:
         dataset = MNIST(str(root), train=train, download=False)

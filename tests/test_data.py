@@ -50,8 +50,18 @@ def test_missing_folder_rejected(tmp_path: Path) -> None:
 
 
 def test_folder_without_files_rejected(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="MNIST not found under"):
+    with pytest.raises(DataError, match="train-images-idx3-ubyte' not found") as caught:
         load_mnist(tmp_path)
+
+    assert "download=True to download" not in str(caught.value)
+
+
+def test_file_instead_of_folder_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "mnist.gz"
+    path.write_bytes(b"not a folder")
+
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        load_mnist(path)
 
 
 def test_truncated_files_rejected(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
 import json
+import shutil
 import statistics
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from bench import train
 from bench.cli import main
 from bench.results import ResultsError
-from bench.table1 import find_runs, table1_markdown, write_training_reports
+from bench.table1 import find_runs, method_label, table1_markdown, write_training_reports
 from bench.train import Splits, TrainSettings, run_training
 from snf_core.data import load_embedded_mnist
 
@@ -118,5 +119,56 @@ def test_unreadable_result_is_named(tmp_path) -> None:
     folder.mkdir()
     (folder / "result.json").write_text("{")
 
-    with pytest.raises(ResultsError, match="training run '.*broken' is unreadable"):
+    with pytest.raises(
+        ResultsError, match="training run file '.*broken/result.json' is unreadable"
+    ):
         find_runs([tmp_path])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[]", "not a training result"),
+        ("{}", "not a training result"),
+        ('{"kind": "train"}', "model None is not one of"),
+    ],
+)
+def test_malformed_result_is_named(runs_folder, tmp_path, text, message) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(runs_folder / "snf-0-60", folder)
+    (folder / "result.json").write_text(text)
+
+    with pytest.raises(
+        ResultsError, match=f"result.json' is unreadable or incomplete .*{message}"
+    ):
+        find_runs([tmp_path])
+
+
+@pytest.mark.parametrize("value", [None, float("nan")])
+def test_non_finite_nll_is_named(runs_folder, tmp_path, value) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(runs_folder / "snf-0-60", folder)
+    result = read_result(tmp_path, "run")
+    result["test_nll"] = value
+    (folder / "result.json").write_text(json.dumps(result))
+
+    with pytest.raises(ResultsError, match="field 'test_nll' is .*, not a finite number"):
+        find_runs([tmp_path])
+
+
+def test_repeated_seed_is_rejected(runs_folder, tmp_path) -> None:
+    shutil.copytree(runs_folder / "snf-0-60", tmp_path / "first")
+    shutil.copytree(runs_folder / "snf-0-60", tmp_path / "second")
+
+    with pytest.raises(ResultsError, match="are both seed 0 of the same model"):
+        find_runs([tmp_path])
+
+
+def test_method_label_names_other_weight() -> None:
+    default = {"model": "fc2", "method": "snf", "reconstruction_weight": 1.0}
+    other = {"model": "fc2", "method": "snf", "reconstruction_weight": 0.1}
+    glow = {"model": "glow", "method": "snf", "reconstruction_weight": 100.0}
+
+    assert method_label(default) == "SNF"
+    assert method_label(other) == "SNF (λ = 0.1)"
+    assert method_label(glow) == "SNF"

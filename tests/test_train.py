@@ -248,3 +248,56 @@ def test_cli_rejects_method_of_other_model(tmp_path, capsys) -> None:
     assert status == EXIT_USAGE
     assert "unknown method 'relative' for model 'conv9'" in capsys.readouterr().err
     assert not runs.exists()
+
+
+def test_damaged_checkpoint_is_named(tmp_path, small_splits) -> None:
+    outcome = run_training(settings(tmp_path, epochs=1), quiet)
+    (outcome.folder / "checkpoint.pt").write_bytes(b"truncated")
+
+    with pytest.raises(ValueError, match="checkpoint.pt' is unreadable .*--restart"):
+        run_training(settings(tmp_path, epochs=2), quiet)
+
+
+def test_finished_run_keeps_result_on_rerun(tmp_path, small_splits, monkeypatch) -> None:
+    """Rerunning a finished run scores it again and never removes its result first."""
+
+    first = run_training(settings(tmp_path, epochs=1), quiet)
+    removed = []
+    unlink = type(first.folder).unlink
+
+    def record(path, missing_ok=False):
+        removed.append(path.name)
+        return unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(type(first.folder), "unlink", record)
+    second = run_training(settings(tmp_path, epochs=1), quiet)
+
+    assert "result.json" not in removed
+    assert second.result["test_nll"] == first.result["test_nll"]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--name", "../x", "run name '../x' is invalid"),
+        ("--budget", "inf", "must be a finite positive number, got inf"),
+    ],
+)
+def test_cli_rejects_bad_option(tmp_path, capsys, option, value, message) -> None:
+    from bench.cli import EXIT_USAGE, main
+
+    status = main(["train", "fc2", "--runs", str(tmp_path), option, value])
+
+    assert status == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_cli_rejects_runs_file(tmp_path, capsys) -> None:
+    from bench.cli import EXIT_USAGE, main
+
+    path = tmp_path / "file"
+    path.write_text("not a folder")
+    status = main(["train", "fc2", "--runs", str(path)])
+
+    assert status == EXIT_USAGE
+    assert "--runs '" in capsys.readouterr().err
