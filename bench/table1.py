@@ -1,8 +1,8 @@
 """Training reports: Table 1, Figure 4 and the samples figure, from training run folders.
 
 A run folder is what ``snf-bench train`` writes: ``result.json``, ``history.json`` and
-``samples.pt``. Runs group by model, method, data and budget, so that a row averages seeds
-trained under the same settings only.
+``samples.pt``. Runs group by model, method, data, budget and reconstruction weight, so that
+a row averages seeds trained under the same settings only.
 """
 
 import json
@@ -69,7 +69,8 @@ def find_runs(paths: Iterable[Path]) -> list[Run]:
     """Return the finished runs in run folders at or under ``paths``, sorted by folder.
 
     Raises:
-        ResultsError: When a ``result.json`` or its ``history.json`` cannot be parsed.
+        ResultsError: When a ``result.json`` or its ``history.json`` cannot be parsed, lacks
+            a field the reports read, or repeats the seed of another run of its row.
     """
 
     runs = []
