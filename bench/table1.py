@@ -280,9 +280,11 @@ def _settings_section(groups: dict[tuple, list[Run]], data: str, budget: float |
         epochs = statistics.fmean(result["epochs"] for result in results)
         steps = statistics.fmean(result["steps"] for result in results)
         best = statistics.fmean(result["best_epoch"] for result in results)
-        paper = PAPER_TABLE1.get((model, method))
-        paper_text = _format(*paper) if paper else "—"
         label = method_label(results[0])
+
+        # The paper's value holds for its own reconstruction weight only.
+        paper = PAPER_TABLE1.get((model, method)) if label == METHOD_NAMES[method] else None
+        paper_text = _format(*paper) if paper else "—"
         means[(model, label)] = nll[0]
         lines.append(
             f"| {MODEL_NAMES[model]} | {label} | {len(group)} | {_format(*nll)} "
