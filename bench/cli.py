@@ -61,40 +61,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str, minimum: float, strict: bool, requirement: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
 
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text}")
+    above = value > minimum if strict else value >= minimum
+
+    if not (math.isfinite(value) and above):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
 
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _finite_float(text, 0.0, True, "a finite positive number")
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
-
-    return value
+    return _finite_float(text, 0.0, False, "a number of at least 0")
 
 
 def _ratio_limit(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-
-    if not (math.isfinite(value) and value >= 1):
-        raise argparse.ArgumentTypeError(f"must be a ratio of at least 1, got {text}")
-
-    return value
+    return _finite_float(text, 1.0, False, "a ratio of at least 1")
 
 
 def _shard(text: str) -> tuple[int, int]:
