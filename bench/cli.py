@@ -304,6 +304,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         default=0,
         help="seed of the weights, batch order and noise (default: 0)",
     )
+
     train.add_argument(
         "--epochs",
         type=_positive_int,
@@ -317,6 +318,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="stop once the training time, without validation passes, reaches this many "
         "seconds (default: no limit)",
     )
+
     train.add_argument(
         "--lr",
         type=_positive_float,
@@ -346,6 +348,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="stop as diverged when a batch's mean reconstruction error exceeds this "
         "(default: 1e4)",
     )
+
     train.add_argument(
         "--data",
         metavar="FOLDER",
@@ -358,6 +361,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)"
     )
+
     train.add_argument(
         "--runs",
         type=Path,

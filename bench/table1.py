@@ -369,7 +369,7 @@ def _sample_difference(run: Run) -> str:
 def plot_figure4(runs: Sequence[Run], stem: Path) -> list[Path]:
     """Plot validation NLL against training time and against epochs.
 
-    Each row holds the runs of one model, data source and budget. Every seed is one line;
+    Each row shows the runs of one model, data source and budget. Every seed is one line;
     SNF and the exact gradient are drawn bold, other methods thin. Returns the written
     ``.png`` and ``.svg`` paths.
     """

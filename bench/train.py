@@ -7,12 +7,12 @@ over the first 10 epochs. The reconstruction weight is 1, and 100 for Glow-like 
 A run stops after ``epochs`` epochs or once its training time reaches ``budget_s``, whichever
 comes first. Training time counts every batch (dequantization, logit, forward, backward,
 optimizer step) and leaves out the validation passes, so two methods given the same budget
-get the same compute.
+get the same training time.
 
-A run folder holds:
+A run folder contains:
 
 - ``checkpoint.pt``: the state at the end of the last finished epoch (model, optimizer,
-  schedule, random generators, history); a rerun of the same command resumes from it.
+  schedule, random generators, history). A rerun of the same command resumes from it.
 - ``best.pt``: the weights with the lowest validation NLL so far.
 - ``history.json``: one entry per validation pass, with the training time and epoch.
 - ``result.json``: the exact test NLL of the best weights, written only when a run ends
@@ -335,9 +335,7 @@ def _warmup_factor(step: int, warmup_steps: float) -> float:
     return min(1.0, (step + 1) / warmup_steps)
 
 
-def _check_step(loss: Tensor, reconstruction: float, settings: TrainSettings, where: str) -> None:
-    value = loss.item()
-
+def _check_step(value: float, reconstruction: float, settings: TrainSettings, where: str) -> None:
     if not math.isfinite(value):
         raise TrainingDiverged(f"the training loss is {value} at {where}")
 
@@ -435,7 +433,7 @@ def run_training(settings: TrainSettings, progress: Progress) -> TrainOutcome:
     state = _resume(settings, flow, optimizer, schedule, generator)
     budget = math.inf if settings.budget_s is None else settings.budget_s
 
-    # A finished run keeps its result until the new one replaces it; a run that trains on
+    # A finished run keeps its result until the new one replaces it. A run that trains on
     # drops it first, so that a diverged continuation leaves no stale result behind.
     if state.epoch < settings.epochs and state.train_time_s < budget:
         (folder / "result.json").unlink(missing_ok=True)
@@ -475,8 +473,9 @@ def run_training(settings: TrainSettings, progress: Progress) -> TrainOutcome:
 
                 error = reconstruction.mean().item()
                 where = f"epoch {state.epoch + 1}, step {state.step}"
-                _check_step(loss, error, settings, where)
-                losses.append(loss.item())
+                value = loss.item()
+                _check_step(value, error, settings, where)
+                losses.append(value)
                 reconstructions.append(error)
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.1f}")

@@ -8,7 +8,7 @@ MIB = 2**20
 
 @pytest.mark.parametrize("method", ["snf", "exact"])
 def test_flow_training_peak_counts_adam_state(method: str) -> None:
-    """A training step of the FC 2-layer flow holds its parameters, their gradients and
+    """A training step of the FC 2-layer flow keeps its parameters, their gradients and
     Adam's two moment buffers: four times the parameter bytes, plus small temporaries.
 
     The lower bound is three times: the warm-up case frees same-sized tensors before the
