@@ -17,21 +17,17 @@ directly on a shared 2-core AMD EPYC VM, torch 2.14.1 on one thread.
 import functools
 import itertools
 
-import torch
 from torch import Tensor
 
 from bench.bench_layers import (
     DEVICES,
-    THREADS,
-    SkipNotImplemented,
     _CUDAMemory,
     _LayerBenchmark,
     _Sample,
-    _synchronizer,
     _Train,
     size_key,
 )
-from bench.cases import PRESETS, Case, build_workload, load_batches
+from bench.cases import PRESETS, Case, Workload, build_workload, load_batches
 
 PRESET = "table3"
 
@@ -89,21 +85,12 @@ class _FlowBenchmark(_LayerBenchmark):
     # repeat attribute alone decides how many samples a process takes.
     min_run_count = 2
 
-    def setup(self, size: str, method: str, device: str) -> None:
-        torch.set_num_threads(THREADS)
-        self.case = CASES[(self.model, size, method, device)]
+    cases = CASES
 
-        if device == "cuda" and not torch.cuda.is_available():
-            raise SkipNotImplemented(f"CUDA is not available to torch {torch.__version__}")
+    def build(self, case: Case) -> Workload:
+        """Return the case's workload on the batches that this process loaded first."""
 
-        self.check_case(self.case)
-
-        self.workload = build_workload(self.case, batches=cached_batches(self.case))
-        self.synchronize = _synchronizer(device)
-        self.steps = itertools.count()
-
-        self.warm_up()
-        self.synchronize()
+        return build_workload(case, batches=cached_batches(case))
 
 
 class _FlowTrain(_FlowBenchmark, _Train):

@@ -107,25 +107,33 @@ class _LayerBenchmark:
     model: str
     param_names = ["size", "method", "device"]
 
+    # The cases by their asv parameters (model, size, method, device).
+    cases: dict[tuple[str, str, str, str], Case] = CASES
+
     # Headroom over asv's default of 60 s on slow or busy machines: setup loads data and runs a
     # warm-up step, and one exact conv step at D = 992 took up to 0.3 s on a 2-core VM.
     timeout = 300.0
 
     def setup(self, size: str, method: str, device: str) -> None:
         torch.set_num_threads(THREADS)
-        self.case = CASES[(self.model, size, method, device)]
+        self.case = self.cases[(self.model, size, method, device)]
 
         if device == "cuda" and not torch.cuda.is_available():
-            raise NotImplementedError(f"CUDA is not available to torch {torch.__version__}")
+            raise SkipNotImplemented(f"CUDA is not available to torch {torch.__version__}")
 
         self.check_case(self.case)
 
-        self.workload: Workload = build_workload(self.case)
+        self.workload: Workload = self.build(self.case)
         self.synchronize = _synchronizer(device)
         self.steps = itertools.count()
 
         self.warm_up()
         self.synchronize()
+
+    def build(self, case: Case) -> Workload:
+        """Return the case's model, optimizer and batches."""
+
+        return build_workload(case)
 
     def check_case(self, case: Case) -> None:
         """Raise NotImplementedError for a case that this benchmark does not measure."""

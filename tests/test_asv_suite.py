@@ -219,7 +219,7 @@ def test_flow_timing_fits_timeout() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_flow_cuda_skips_without_gpu() -> None:
     for cls in (bench_flows.FC2Train, bench_flows.GlowSample, bench_flows.GlowCUDAMemory):
-        with pytest.raises(bench_flows.SkipNotImplemented, match="CUDA is not available"):
+        with pytest.raises(bench_layers.SkipNotImplemented, match="CUDA is not available"):
             cls().setup("table3-784", "snf", "cuda")
 
 
@@ -228,7 +228,7 @@ def test_flow_fc2_runs(method: str) -> None:
     train = bench_flows.FC2Train()
     train.setup("table3-784", method, "cpu")
 
-    assert torch.get_num_threads() == bench_flows.THREADS
+    assert torch.get_num_threads() == bench_layers.THREADS
     assert train.time_train_batch("table3-784", method, "cpu") is None
 
     # One warm-up step in setup, then the timed one.
