@@ -13,7 +13,13 @@ FC_METHODS = ("exact", "relative", "snf")
 
 
 def fc2_flow(method: str, features: int = 784, layers: int = 2) -> Flow:
-    """Return ``layers`` times (linear D×D, Smooth Leaky ReLU with alpha 0.3).
+    """Return ``layers`` linear D×D layers with a Smooth Leaky ReLU (alpha 0.3) between
+    each pair: linear, activation, linear for the 2-layer model.
+
+    The last linear layer feeds the Gaussian base directly, as in the code released with
+    Keller et al., "Self Normalizing Flows" (2020). With one more activation after the last
+    layer, exact training of seed 0 on the embedded digits reached a validation NLL of 1449
+    nats after 30 epochs, against 1261 nats with this layout.
 
     Arguments:
         method: ``"exact"`` (slogdet in the graph), ``"relative"`` (relative gradient) or
@@ -31,10 +37,10 @@ def fc2_flow(method: str, features: int = 784, layers: int = 2) -> Flow:
     if method not in linear_classes:
         raise ValueError(f"unknown FC method {method!r}; expected one of {FC_METHODS}")
 
-    stack = []
+    stack = [linear_classes[method](features)]
 
-    for _ in range(layers):
-        stack += [linear_classes[method](features), SmoothLeakyReLU(alpha=0.3)]
+    for _ in range(layers - 1):
+        stack += [SmoothLeakyReLU(alpha=0.3), linear_classes[method](features)]
 
     weight = 1.0 if method == "snf" else 0.0
 

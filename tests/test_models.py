@@ -35,6 +35,13 @@ def test_conv9_exact_round_trip(method: str) -> None:
     assert torch.allclose(flow.inverse(z, exact=True), x, atol=1e-6)
 
 
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_fc2_puts_activations_between_linear_layers(layers: int) -> None:
+    kinds = [type(layer).__name__ for layer in fc2_flow("exact", features=8, layers=layers).layers]
+
+    assert kinds == ["ExactLinear"] + ["SmoothLeakyReLU", "ExactLinear"] * (layers - 1)
+
+
 def test_fc2_reconstruction_weights() -> None:
     assert fc2_flow("snf", features=8).reconstruction_weight == 1.0
     assert fc2_flow("exact", features=8).reconstruction_weight == 0.0
