@@ -78,13 +78,31 @@ def test_snf_excess_over_exact(runs_folder) -> None:
     assert f"{100 * (snf - exact) / exact:+.2f}%" in markdown
 
 
+def test_snf_excess_per_seed(runs_folder) -> None:
+    markdown = table1_markdown(find_runs([runs_folder]))
+    snf = [read_result(runs_folder, f"snf-{seed}-60")["test_nll"] for seed in (0, 1)]
+    exact = [read_result(runs_folder, f"exact-{seed}-60")["test_nll"] for seed in (0, 1)]
+    excess = [100 * (a - b) / b for a, b in zip(snf, exact, strict=True)]
+
+    assert f"Same seed: seed 0 {excess[0]:+.2f}%, seed 1 {excess[1]:+.2f}%." in markdown
+
+
 def test_runs_table_gives_commands(runs_folder) -> None:
     markdown = table1_markdown(find_runs([runs_folder]))
 
-    command = "snf-bench train fc2 --method exact --seed 1 --budget 60 --threads 1"
+    command = "snf-bench train fc2 --method exact --seed 1 --budget 60 --epochs 2 --threads 1"
     row = next(line for line in markdown.splitlines() if line.startswith("| `exact-1-60`"))
 
     assert row.endswith(f"| 0.00 (0.0) | `{command} --name exact-1-60` |")
+
+
+def test_command_names_changed_settings(runs_folder) -> None:
+    run = next(run for run in find_runs([runs_folder]) if run.folder.name == "snf-0-60")
+    run.result.update(reconstruction_weight=0.1, lr=3e-4, data="mnist", train_time_s=60.5)
+    row = next(line for line in table1_markdown([run]).splitlines() if "`snf-0-60`" in line)
+
+    assert "--budget 60 --lr 0.0003 --reconstruction-weight 0.1 --data MNIST_FOLDER" in row
+    assert "--epochs" not in row
 
 
 def test_figures_are_written(runs_folder, tmp_path) -> None:
