@@ -677,21 +677,27 @@ def _train(args: argparse.Namespace) -> int:
     try:
         outcome = run_training(settings, progress)
     except KeyboardInterrupt:
-        print(
-            f"snf-bench: interrupted; {settings.folder}/checkpoint.pt has the last finished "
-            "epoch, and the same command resumes from it",
-            file=sys.stderr,
-        )
+        if (settings.folder / "checkpoint.pt").exists():
+            message = (
+                f"{settings.folder}/checkpoint.pt has the last finished epoch, and the same "
+                "command resumes from it"
+            )
+        else:
+            message = "no epoch finished, so nothing was saved; the same command starts again"
+
+        print(f"snf-bench: interrupted; {message}", file=sys.stderr)
         return 130
     except TrainingDiverged as error:
         if (settings.folder / "checkpoint.pt").exists():
             kept = f"{settings.folder}/checkpoint.pt keeps the last good epoch"
+            again = "rerun with --restart"
         else:
             kept = "no epoch finished, so there is no checkpoint"
+            again = "rerun"
 
         print(
             f"snf-bench: diverged: {error}. No result was written and {kept}; lower --lr or "
-            "raise --reconstruction-weight, then rerun with --restart",
+            f"raise --reconstruction-weight, then {again}",
             file=sys.stderr,
         )
         return EXIT_DIVERGED

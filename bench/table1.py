@@ -7,12 +7,14 @@ a row averages seeds trained under the same settings only.
 
 import json
 import math
+import pickle
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from bench.cases import LEARNING_RATES
 from bench.results import ResultsError
@@ -59,6 +61,7 @@ class Run:
     folder: Path
     result: dict
     history: list[dict]
+    samples: dict[str, Tensor] | None = None
 
     @property
     def group(self) -> tuple:
@@ -85,20 +88,61 @@ def find_runs(paths: Iterable[Path]) -> list[Run]:
 
         for file in files:
             try:
-                result = json.loads(file.read_text())
-                history = json.loads((file.parent / "history.json").read_text())
-                _check_result(result, history)
-            except (OSError, ValueError) as error:
+                result = _read_json(file)
+                _check_result(file, result)
+                history = _read_json(file.parent / "history.json")
+                _check_history(file.parent / "history.json", history)
+                samples = _read_samples(file.parent / "samples.pt")
+            except _RunFileError as error:
                 raise ResultsError(
-                    f"training run file {str(file)!r} is unreadable or incomplete ({error}); "
-                    f"rerun its snf-bench train command or move the folder out of the results"
+                    f"training run file {str(error.path)!r} is unreadable or incomplete "
+                    f"({error.reason}); rerun its snf-bench train command or move the folder "
+                    f"out of the results"
                 ) from None
 
-            runs.append(Run(file.parent, result, history))
+            runs.append(Run(file.parent, result, history, samples))
 
     _check_seeds(runs)
 
     return sorted(runs, key=lambda run: str(run.folder))
+
+
+class _RunFileError(Exception):
+    """A file of a run folder that cannot be read or parsed."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise _RunFileError(path, str(error)) from None
+
+
+def _read_samples(path: Path) -> dict[str, Tensor] | None:
+    """Return the learned and exact samples of ``samples.pt``, or None without the file."""
+
+    if not path.exists():
+        return None
+
+    try:
+        samples = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise _RunFileError(path, str(error).splitlines()[0] if str(error) else "empty") from None
+
+    if not isinstance(samples, dict) or not all(
+        isinstance(samples.get(key), Tensor) for key in ("learned", "exact")
+    ):
+        raise _RunFileError(path, "expected tensors 'learned' and 'exact'")
+
+    if samples["learned"].shape != samples["exact"].shape:
+        raise _RunFileError(path, "the learned and exact samples differ in shape")
+
+    return samples
 
 
 # The fields of result.json that the reports read, and the check each must pass.
@@ -106,37 +150,54 @@ _FINITE = ("test_nll", "test_nll_sem", "test_bpd", "epochs", "steps", "train_tim
 _FINITE += ("best_epoch", "best_validation_nll", "sample_max_abs_difference", "threads")
 
 
-def _check_result(result: object, history: object) -> None:
-    """Raise ValueError naming the first field of a run that the reports cannot use."""
+def _check_result(path: Path, result: object) -> None:
+    """Raise _RunFileError naming the first field of a result that the reports cannot use."""
 
     if not isinstance(result, dict) or result.get("kind") != "train":
-        raise ValueError("not a training result: its 'kind' is not 'train'")
+        raise _RunFileError(path, "not a training result: its 'kind' is not 'train'")
 
     if result.get("model") not in MODEL_NAMES:
-        raise ValueError(f"model {result.get('model')!r} is not one of {', '.join(MODEL_NAMES)}")
+        raise _RunFileError(
+            path, f"model {result.get('model')!r} is not one of {', '.join(MODEL_NAMES)}"
+        )
 
     if result.get("method") not in METHOD_NAMES:
-        raise ValueError(
-            f"method {result.get('method')!r} is not one of {', '.join(METHOD_NAMES)}"
+        raise _RunFileError(
+            path, f"method {result.get('method')!r} is not one of {', '.join(METHOD_NAMES)}"
         )
 
     for key in ("seed", "data", "machine", "device", "train_images"):
         if key not in result:
-            raise ValueError(f"field {key!r} is missing")
+            raise _RunFileError(path, f"field {key!r} is missing")
 
     for key in _FINITE:
-        value = result.get(key)
-
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"field {key!r} is {value!r}, not a finite number")
+        if not _finite(result.get(key)):
+            raise _RunFileError(path, f"field {key!r} is {result.get(key)!r}, not a finite number")
 
     budget = result.get("budget_s")
 
-    if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget)):
-        raise ValueError(f"field 'budget_s' is {budget!r}, not a finite number or null")
+    if budget is not None and not _finite(budget):
+        raise _RunFileError(path, f"field 'budget_s' is {budget!r}, not a finite number or null")
+
+
+def _check_history(path: Path, history: object) -> None:
+    """Raise _RunFileError unless every validation entry has the numbers Figure 4 plots."""
 
     if not isinstance(history, list) or not history:
-        raise ValueError("history.json has no validation entries")
+        raise _RunFileError(path, "no validation entries")
+
+    for index, entry in enumerate(history):
+        for key in ("epoch", "train_time_s", "validation_nll"):
+            value = entry.get(key) if isinstance(entry, dict) else None
+
+            if not _finite(value):
+                raise _RunFileError(
+                    path, f"entry {index} has {key} {value!r}, not a finite number"
+                )
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _check_seeds(runs: Sequence[Run]) -> None:
@@ -329,7 +390,8 @@ def _settings_section(groups: dict[tuple, list[Run]], data: str, budget: float |
             f"| {paper_text} |"
         )
 
-    lines += ["", *_snf_comparison(means, seeds), ""]
+    comparison = _snf_comparison(means, seeds)
+    lines += ["", *comparison, ""] if comparison else [""]
 
     return lines
 
@@ -407,13 +469,12 @@ def _runs_section(runs: Sequence[Run]) -> list[str]:
 
 
 def _sample_difference(run: Run) -> str:
-    path = run.folder / "samples.pt"
+    samples = run.samples
     maximum = run.result["sample_max_abs_difference"]
 
-    if not path.exists():
+    if samples is None:
         return f"— ({maximum:.1f})"
 
-    samples = torch.load(path)
     difference = (samples["learned"].double() - samples["exact"].double()).abs()
 
     return f"{difference.mean().item():.2f} ({maximum:.1f})"
@@ -488,9 +549,11 @@ def plot_figure4(runs: Sequence[Run], stem: Path) -> list[Path]:
 
     figure.tight_layout()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    figure.savefig(paths[0], dpi=120)
 
-    for path in paths:
-        figure.savefig(path, dpi=120)
+    # A fixed hash salt and no date keep the SVG identical across runs on the same folders.
+    with matplotlib.rc_context({"svg.hashsalt": "snf-bench"}):
+        figure.savefig(paths[1], metadata={"Date": None})
 
     plt.close(figure)
 
@@ -514,7 +577,7 @@ def plot_samples(runs: Sequence[Run], path: Path) -> Path | None:
     for run in runs:
         model = run.result["model"]
 
-        if run.result["method"] == "snf" and (run.folder / "samples.pt").exists():
+        if run.result["method"] == "snf" and run.samples is not None:
             if model not in chosen or preference(run) < preference(chosen[model]):
                 chosen[model] = run
 
@@ -532,7 +595,7 @@ def plot_samples(runs: Sequence[Run], path: Path) -> Path | None:
 
     for row, model in zip(axes, models, strict=True):
         run = chosen[model]
-        samples = torch.load(run.folder / "samples.pt")
+        samples = run.samples
 
         for axis, key, title in (
             (row[0], "learned", "learned inverse g"),

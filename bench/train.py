@@ -134,6 +134,12 @@ class TrainSettings:
                 f"{', '.join(TRAIN_METHODS[self.model])}"
             )
 
+        if self.method != "snf" and self.reconstruction_weight not in (None, 0.0):
+            raise ValueError(
+                f"--reconstruction-weight applies to method snf only: method {self.method!r} "
+                f"has no learned inverse to reconstruct with; leave the option out"
+            )
+
         if self.epochs is None:
             self.epochs = PAPER_EPOCHS[self.model]
 
@@ -346,6 +352,51 @@ def _check_step(value: float, reconstruction: float, settings: TrainSettings, wh
         )
 
 
+def _limits(settings: TrainSettings) -> dict:
+    """Return the run's stopping limits, which a checkpoint stores beside its state."""
+
+    return {"epochs": settings.epochs, "budget_s": settings.budget_s}
+
+
+def _limits_text(limits: dict) -> str:
+    budget = limits["budget_s"]
+    budget_text = "no --budget" if budget is None else f"--budget {budget:g}"
+
+    return f"--epochs {limits['epochs']} and {budget_text}"
+
+
+def _check_limits(settings: TrainSettings, state: RunState, stored: dict | None) -> None:
+    """Reject limits that would relabel a run's result or replace a finished one.
+
+    A finished run keeps its ``result.json``: training it further in place would drop that
+    result until the longer run ends. Limits that the run has already passed would write a
+    result whose budget is not the one it trained under.
+    """
+
+    limits = _limits(settings)
+
+    if stored is None or stored == limits:
+        return
+
+    folder = str(settings.folder)
+    budget = math.inf if settings.budget_s is None else settings.budget_s
+
+    if (settings.folder / "result.json").exists():
+        raise ValueError(
+            f"run folder {folder!r} contains a finished run with {_limits_text(stored)}; "
+            f"rerun it with those limits, copy the folder and pass the copy's name with "
+            f"--name to train the copy to {_limits_text(limits)}, or pass --restart to train "
+            f"again from the start"
+        )
+
+    if state.epoch >= settings.epochs or state.train_time_s >= budget:
+        raise ValueError(
+            f"run folder {folder!r} has trained for {state.epoch} epochs and "
+            f"{state.train_time_s:.1f} s, past {_limits_text(limits)}; pass larger limits or "
+            f"its own, {_limits_text(stored)}, to resume it, or --restart to train again"
+        )
+
+
 def _resume(
     settings: TrainSettings,
     flow: Flow,
@@ -373,12 +424,14 @@ def _resume(
                 f"it, --restart to discard it, or --name NAME for a new run folder"
             )
 
+    state = RunState(**checkpoint["state"])
+    _check_limits(settings, state, checkpoint.get("limits"))
     flow.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     schedule.load_state_dict(checkpoint["schedule"])
     generator.set_state(checkpoint["generator"])
 
-    return RunState(**checkpoint["state"])
+    return state
 
 
 def _load(path: Path, device: str) -> dict:
@@ -413,7 +466,6 @@ def run_training(settings: TrainSettings, progress: Progress) -> TrainOutcome:
         torch.set_num_threads(settings.threads)
 
     folder = settings.folder
-    folder.mkdir(parents=True, exist_ok=True)
     splits = load_splits(settings.data_root)
     flow = build_model(settings)
     optimizer = make_optimizer(flow, settings.lr)
@@ -430,6 +482,7 @@ def run_training(settings: TrainSettings, progress: Progress) -> TrainOutcome:
         optimizer, lambda step: _warmup_factor(step, warmup_steps)
     )
     generator = torch.Generator().manual_seed(settings.seed)
+    folder.mkdir(parents=True, exist_ok=True)
     state = _resume(settings, flow, optimizer, schedule, generator)
     budget = math.inf if settings.budget_s is None else settings.budget_s
 
@@ -518,6 +571,7 @@ def run_training(settings: TrainSettings, progress: Progress) -> TrainOutcome:
                 "schedule": schedule.state_dict(),
                 "generator": generator.get_state(),
                 "state": asdict(state),
+                "limits": _limits(settings),
             },
             folder / "checkpoint.pt",
         )

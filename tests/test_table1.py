@@ -114,6 +114,16 @@ def test_figures_are_written(runs_folder, tmp_path) -> None:
     assert (tmp_path / "figure4.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_figure4_svg_is_reproducible(runs_folder, tmp_path) -> None:
+    runs = find_runs([runs_folder])
+    write_training_reports(runs, tmp_path / "first")
+    write_training_reports(runs, tmp_path / "second")
+
+    first = (tmp_path / "first" / "figure4.svg").read_bytes()
+
+    assert first == (tmp_path / "second" / "figure4.svg").read_bytes()
+
+
 def test_samples_of_snf_differ_little(runs_folder) -> None:
     """Both inverses of the same weights map the same base samples to nearby pixels."""
 
@@ -159,6 +169,38 @@ def test_malformed_result_is_named(runs_folder, tmp_path, text, message) -> None
     with pytest.raises(
         ResultsError, match=f"result.json' is unreadable or incomplete .*{message}"
     ):
+        find_runs([tmp_path])
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("history.json", b'[{"epoch": 1', "Expecting"),
+        ("history.json", b"[]", "no validation entries"),
+        ("history.json", b'[{"epoch": 1}]', "entry 0 has train_time_s None"),
+        ("samples.pt", b"", "samples.pt' is unreadable"),
+        ("samples.pt", b"PK\x03\x04 truncated", "samples.pt' is unreadable"),
+    ],
+)
+def test_damaged_run_file_is_named(runs_folder, tmp_path, name, content, message) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(runs_folder / "snf-0-60", folder)
+    (folder / name).write_bytes(content)
+
+    with pytest.raises(ResultsError, match=f"run/{name}' is unreadable or incomplete") as caught:
+        find_runs([tmp_path])
+
+    assert message in str(caught.value)
+
+
+def test_samples_of_other_shape_are_named(runs_folder, tmp_path) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(runs_folder / "snf-0-60", folder)
+    torch.save(
+        {"learned": torch.zeros(2, 784), "exact": torch.zeros(3, 784)}, folder / "samples.pt"
+    )
+
+    with pytest.raises(ResultsError, match="learned and exact samples differ in shape"):
         find_runs([tmp_path])
 
 

@@ -151,6 +151,9 @@ def test_interrupted_run_resumes_to_same_weights(tmp_path, small_splits, monkeyp
 def test_divergence_keeps_last_good_checkpoint(tmp_path, small_splits, monkeypatch) -> None:
     first = run_training(settings(tmp_path, epochs=1), quiet)
     checkpoint = torch.load(first.folder / "checkpoint.pt", weights_only=False)
+
+    # Without its result the folder is that of a run interrupted after one epoch.
+    (first.folder / "result.json").unlink()
     loss_terms = Flow.loss_terms
 
     def nan_loss(self, x):
@@ -197,6 +200,11 @@ def test_settings_reject_unknown_method() -> None:
         TrainSettings(model="fc2", method="emerging")
 
 
+def test_settings_reject_weight_without_inverse() -> None:
+    with pytest.raises(ValueError, match="applies to method snf only: method 'exact'"):
+        TrainSettings(model="fc2", method="exact", reconstruction_weight=2.0)
+
+
 def test_settings_default_to_paper_schedule() -> None:
     fc = TrainSettings(model="fc2")
     conv = TrainSettings(model="conv9", method="exact")
@@ -237,6 +245,7 @@ def test_cli_reports_divergence(tmp_path, small_splits, capsys) -> None:
     assert status == EXIT_DIVERGED
     assert "snf-bench: diverged: the reconstruction error is" in message
     assert "no epoch finished, so there is no checkpoint" in message
+    assert "--restart" not in message
 
 
 def test_cli_rejects_method_of_other_model(tmp_path, capsys) -> None:
@@ -274,6 +283,57 @@ def test_finished_run_keeps_result_on_rerun(tmp_path, small_splits, monkeypatch)
 
     assert "result.json" not in removed
     assert second.result["test_nll"] == first.result["test_nll"]
+
+
+@pytest.mark.parametrize("overrides", [{"epochs": 2}, {"budget_s": 60.0}])
+def test_finished_run_rejects_other_limits(tmp_path, small_splits, overrides) -> None:
+    first = run_training(settings(tmp_path, epochs=1), quiet)
+    result = (first.folder / "result.json").read_text()
+
+    with pytest.raises(ValueError, match="contains a finished run with --epochs 1 and no"):
+        run_training(settings(tmp_path, **{"epochs": 1, **overrides}), quiet)
+
+    assert (first.folder / "result.json").read_text() == result
+
+
+def test_resume_rejects_passed_budget(tmp_path, small_splits) -> None:
+    first = run_training(settings(tmp_path, epochs=2), quiet)
+    (first.folder / "result.json").unlink()
+
+    with pytest.raises(ValueError, match="has trained for 2 epochs and .* past --epochs 1"):
+        run_training(settings(tmp_path, epochs=1), quiet)
+
+    assert not (first.folder / "result.json").exists()
+
+
+def test_resume_accepts_larger_limits(tmp_path, small_splits) -> None:
+    first = run_training(settings(tmp_path, epochs=1), quiet)
+    (first.folder / "result.json").unlink()
+    second = run_training(settings(tmp_path, epochs=2), quiet)
+
+    assert second.result["steps"] == 6
+
+
+def test_failed_start_leaves_no_folder(tmp_path, small_splits) -> None:
+    with pytest.raises(train.DataError, match="lower --batch-size"):
+        run_training(settings(tmp_path, batch_size=1000), quiet)
+
+    assert not (tmp_path / "fc2-snf-seed0").exists()
+
+
+def test_cli_interrupt_before_first_epoch(tmp_path, small_splits, capsys, monkeypatch) -> None:
+    from bench.cli import main
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Flow, "loss_terms", interrupt)
+    status = main(["train", "fc2", "--runs", str(tmp_path)])
+    message = capsys.readouterr().err
+
+    assert status == 130
+    assert "no epoch finished, so nothing was saved" in message
+    assert not (tmp_path / "fc2-snf-seed0" / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize(
