@@ -683,7 +683,9 @@ def _train(args: argparse.Namespace) -> int:
                 "command resumes from it"
             )
         else:
-            message = "no epoch finished, so nothing was saved; the same command starts again"
+            message = (
+                "no epoch finished, so no checkpoint was saved; the same command starts again"
+            )
 
         print(f"snf-bench: interrupted; {message}", file=sys.stderr)
         return 130

@@ -7,8 +7,8 @@ a row averages seeds trained under the same settings only.
 
 import json
 import math
-import pickle
 import statistics
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,10 +129,16 @@ def _read_samples(path: Path) -> dict[str, Tensor] | None:
     if not path.exists():
         return None
 
+    # torch's restricted unpickler raises many error types on damaged files, and warns about
+    # unknown pickle protocols; any of them means the file is unreadable.
     try:
-        samples = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise _RunFileError(path, str(error).splitlines()[0] if str(error) else "empty") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            samples = torch.load(path, weights_only=True)
+    except Exception as error:
+        lines = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {lines[0][:120] if lines else 'no details'}"
+        raise _RunFileError(path, reason) from None
 
     if not isinstance(samples, dict) or not all(
         isinstance(samples.get(key), Tensor) for key in ("learned", "exact")

@@ -360,7 +360,7 @@ def _limits(settings: TrainSettings) -> dict:
 
 def _limits_text(limits: dict) -> str:
     budget = limits["budget_s"]
-    budget_text = "no --budget" if budget is None else f"--budget {budget:g}"
+    budget_text = "no --budget" if budget is None else f"--budget {budget:.10g}"
 
     return f"--epochs {limits['epochs']} and {budget_text}"
 
@@ -368,9 +368,9 @@ def _limits_text(limits: dict) -> str:
 def _check_limits(settings: TrainSettings, state: RunState, stored: dict | None) -> None:
     """Reject limits that would relabel a run's result or replace a finished one.
 
-    A finished run keeps its ``result.json``: training it further in place would drop that
-    result until the longer run ends. Limits that the run has already passed would write a
-    result whose budget is not the one it trained under.
+    Limits that the run has already passed would write a result whose budget is not the one
+    it trained under. A finished run keeps its ``result.json``: training it further in place
+    would drop that result until the longer run ends, so it trains on in a copy instead.
     """
 
     limits = _limits(settings)
@@ -378,22 +378,23 @@ def _check_limits(settings: TrainSettings, state: RunState, stored: dict | None)
     if stored is None or stored == limits:
         return
 
-    folder = str(settings.folder)
+    folder = settings.folder
     budget = math.inf if settings.budget_s is None else settings.budget_s
-
-    if (settings.folder / "result.json").exists():
-        raise ValueError(
-            f"run folder {folder!r} contains a finished run with {_limits_text(stored)}; "
-            f"rerun it with those limits, copy the folder and pass the copy's name with "
-            f"--name to train the copy to {_limits_text(limits)}, or pass --restart to train "
-            f"again from the start"
-        )
 
     if state.epoch >= settings.epochs or state.train_time_s >= budget:
         raise ValueError(
-            f"run folder {folder!r} has trained for {state.epoch} epochs and "
+            f"run folder {str(folder)!r} has trained for {state.epoch} full epochs and "
             f"{state.train_time_s:.1f} s, past {_limits_text(limits)}; pass larger limits or "
-            f"its own, {_limits_text(stored)}, to resume it, or --restart to train again"
+            f"its own, {_limits_text(stored)}, or --restart to train again from the start"
+        )
+
+    if (folder / "result.json").exists():
+        copy = folder.with_name(f"{folder.name}-longer")
+        raise ValueError(
+            f"run folder {str(folder)!r} contains a finished run with {_limits_text(stored)}; "
+            f"to train it on to {_limits_text(limits)} and keep its result, copy it without "
+            f"the result ('cp -r {folder} {copy} && rm {copy}/result.json') and add "
+            f"'--name {copy.name}', or pass --restart to train again from the start"
         )
 
 

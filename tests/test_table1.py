@@ -180,6 +180,8 @@ def test_malformed_result_is_named(runs_folder, tmp_path, text, message) -> None
         ("history.json", b'[{"epoch": 1}]', "entry 0 has train_time_s None"),
         ("samples.pt", b"", "samples.pt' is unreadable"),
         ("samples.pt", b"PK\x03\x04 truncated", "samples.pt' is unreadable"),
+        ("samples.pt", b"hello\n", "samples.pt' is unreadable"),
+        ("samples.pt", b"NaN", "samples.pt' is unreadable"),
     ],
 )
 def test_damaged_run_file_is_named(runs_folder, tmp_path, name, content, message) -> None:

@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -285,22 +286,42 @@ def test_finished_run_keeps_result_on_rerun(tmp_path, small_splits, monkeypatch)
     assert second.result["test_nll"] == first.result["test_nll"]
 
 
-@pytest.mark.parametrize("overrides", [{"epochs": 2}, {"budget_s": 60.0}])
-def test_finished_run_rejects_other_limits(tmp_path, small_splits, overrides) -> None:
-    first = run_training(settings(tmp_path, epochs=1), quiet)
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epochs": 3}, "contains a finished run with --epochs 2 and no --budget; to train"),
+        ({"epochs": 3, "budget_s": 1e6}, "on to --epochs 3 and --budget 1000000 and keep"),
+        ({"epochs": 1}, "has trained for 2 full epochs and .* past --epochs 1"),
+    ],
+)
+def test_finished_run_rejects_other_limits(tmp_path, small_splits, overrides, message) -> None:
+    first = run_training(settings(tmp_path), quiet)
     result = (first.folder / "result.json").read_text()
 
-    with pytest.raises(ValueError, match="contains a finished run with --epochs 1 and no"):
-        run_training(settings(tmp_path, **{"epochs": 1, **overrides}), quiet)
+    with pytest.raises(ValueError, match=message):
+        run_training(settings(tmp_path, **overrides), quiet)
 
     assert (first.folder / "result.json").read_text() == result
+
+
+def test_copy_of_finished_run_trains_on(tmp_path, small_splits) -> None:
+    """The route that the rejection names: a copy without its result trains on."""
+
+    first = run_training(settings(tmp_path, epochs=1), quiet)
+    copy = tmp_path / "fc2-snf-seed0-longer"
+    shutil.copytree(first.folder, copy)
+    (copy / "result.json").unlink()
+    second = run_training(settings(tmp_path, epochs=2, name=copy.name), quiet)
+
+    assert second.result["steps"] == 6
+    assert json.loads((first.folder / "result.json").read_text())["steps"] == 3
 
 
 def test_resume_rejects_passed_budget(tmp_path, small_splits) -> None:
     first = run_training(settings(tmp_path, epochs=2), quiet)
     (first.folder / "result.json").unlink()
 
-    with pytest.raises(ValueError, match="has trained for 2 epochs and .* past --epochs 1"):
+    with pytest.raises(ValueError, match="has trained for 2 full epochs and .* past --epochs 1"):
         run_training(settings(tmp_path, epochs=1), quiet)
 
     assert not (first.folder / "result.json").exists()
@@ -332,7 +353,7 @@ def test_cli_interrupt_before_first_epoch(tmp_path, small_splits, capsys, monkey
     message = capsys.readouterr().err
 
     assert status == 130
-    assert "no epoch finished, so nothing was saved" in message
+    assert "no epoch finished, so no checkpoint was saved" in message
     assert not (tmp_path / "fc2-snf-seed0" / "checkpoint.pt").exists()
 
 
