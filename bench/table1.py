@@ -129,8 +129,8 @@ def _read_samples(path: Path) -> dict[str, Tensor] | None:
     if not path.exists():
         return None
 
-    # torch's restricted unpickler raises many error types on damaged files, and warns about
-    # unknown pickle protocols; any of them means the file is unreadable.
+    # torch's restricted unpickler raises many error types on damaged files and warns about
+    # unknown pickle protocols. Any of them means that the file is unreadable.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -180,10 +180,11 @@ def _check_result(path: Path, result: object) -> None:
         if not _finite(result.get(key)):
             raise _RunFileError(path, f"field {key!r} is {result.get(key)!r}, not a finite number")
 
-    budget = result.get("budget_s")
+    for key in ("budget_s", "lr", "batch_size", "warmup_epochs", "reconstruction_weight"):
+        value = result.get(key)
 
-    if budget is not None and not _finite(budget):
-        raise _RunFileError(path, f"field 'budget_s' is {budget!r}, not a finite number or null")
+        if value is not None and not _finite(value):
+            raise _RunFileError(path, f"field {key!r} is {value!r}, not a finite number or null")
 
 
 def _check_history(path: Path, history: object) -> None:
@@ -268,8 +269,8 @@ def _format(mean: float, spread: float, digits: int = 1) -> str:
 
 def _command(run: Run) -> str:
     """Return the ``snf-bench train`` command of a run, with every setting that the result
-    records and that differs from its default. Full MNIST shows as ``--data MNIST_FOLDER``,
-    since results keep no paths."""
+    records and that differs from its default. Full MNIST shows as ``--data MNIST_FOLDER``
+    because results keep no paths."""
 
     result = run.result
     model, method = result["model"], result["method"]

@@ -147,6 +147,12 @@ class TrainSettings:
             self.lr = LEARNING_RATES[self.model]
 
     @property
+    def time_limit_s(self) -> float:
+        """The training-time budget in seconds, infinite without ``budget_s``."""
+
+        return math.inf if self.budget_s is None else self.budget_s
+
+    @property
     def folder(self) -> Path:
         """The run folder."""
 
@@ -358,6 +364,12 @@ def _limits(settings: TrainSettings) -> dict:
     return {"epochs": settings.epochs, "budget_s": settings.budget_s}
 
 
+def _limits_reached(settings: TrainSettings, state: RunState) -> bool:
+    """Return whether the run has trained for its epochs or its time budget."""
+
+    return state.epoch >= settings.epochs or state.train_time_s >= settings.time_limit_s
+
+
 def _limits_text(limits: dict) -> str:
     budget = limits["budget_s"]
     budget_text = "no --budget" if budget is None else f"--budget {budget:.10g}"
@@ -379,9 +391,8 @@ def _check_limits(settings: TrainSettings, state: RunState, stored: dict | None)
         return
 
     folder = settings.folder
-    budget = math.inf if settings.budget_s is None else settings.budget_s
 
-    if state.epoch >= settings.epochs or state.train_time_s >= budget:
+    if _limits_reached(settings, state):
         raise ValueError(
             f"run folder {str(folder)!r} has trained for {state.epoch} full epochs and "
             f"{state.train_time_s:.1f} s, past {_limits_text(limits)}; pass larger limits or "
@@ -485,11 +496,9 @@ def run_training(settings: TrainSettings, progress: Progress) -> TrainOutcome:
     generator = torch.Generator().manual_seed(settings.seed)
     folder.mkdir(parents=True, exist_ok=True)
     state = _resume(settings, flow, optimizer, schedule, generator)
-    budget = math.inf if settings.budget_s is None else settings.budget_s
-
     # A finished run keeps its result until the new one replaces it. A run that trains on
     # drops it first, so that a diverged continuation leaves no stale result behind.
-    if state.epoch < settings.epochs and state.train_time_s < budget:
+    if not _limits_reached(settings, state):
         (folder / "result.json").unlink(missing_ok=True)
 
     _write_json({**asdict(settings), "runs": str(settings.runs)}, folder / "settings.json")
@@ -500,7 +509,7 @@ def run_training(settings: TrainSettings, progress: Progress) -> TrainOutcome:
             f"training, best validation NLL {state.best_validation_nll:.2f})"
         )
 
-    while state.epoch < settings.epochs and state.train_time_s < budget:
+    while not _limits_reached(settings, state):
         order = torch.randperm(splits.train.shape[0], generator=generator)
         done = 0
         losses = []
@@ -534,7 +543,7 @@ def run_training(settings: TrainSettings, progress: Progress) -> TrainOutcome:
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.1f}")
 
-                if state.train_time_s >= budget:
+                if state.train_time_s >= settings.time_limit_s:
                     break
 
         epoch = state.epoch + done / batches

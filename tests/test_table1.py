@@ -218,6 +218,18 @@ def test_non_finite_nll_is_named(runs_folder, tmp_path, value) -> None:
         find_runs([tmp_path])
 
 
+@pytest.mark.parametrize("key", ["lr", "reconstruction_weight"])
+def test_non_numeric_setting_is_named(runs_folder, tmp_path, key) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(runs_folder / "snf-0-60", folder)
+    result = read_result(tmp_path, "run")
+    result[key] = "fast"
+    (folder / "result.json").write_text(json.dumps(result))
+
+    with pytest.raises(ResultsError, match=f"field '{key}' is 'fast', not a finite number"):
+        find_runs([tmp_path])
+
+
 def test_repeated_seed_is_rejected(runs_folder, tmp_path) -> None:
     shutil.copytree(runs_folder / "snf-0-60", tmp_path / "first")
     shutil.copytree(runs_folder / "snf-0-60", tmp_path / "second")
